@@ -1,0 +1,1 @@
+"""Built-in plugins: one file per plugin, grouped by kind (tokenizers, orderings, heads, datasets)."""

@@ -1,0 +1,34 @@
+"""``sandbox train --config RECIPE [--run_dir DIR] [overrides]``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jsonargparse import ArgumentParser, Namespace
+
+from sandbox.recipe import add_recipe_arguments
+
+NAME = "train"
+HELP = "Train a recipe (resumes when the run directory holds one)."
+ORDER = 10
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(exit_on_error=False, description=HELP)
+    add_recipe_arguments(p)
+    p.add_argument("--run_dir", type=str | None, default=None,
+                   help="Where checkpoints, logs and grids go (default: runs/<recipe file name>).")
+    return p
+
+
+def default_run_dir(cfg: Namespace) -> str:
+    configs = cfg.get("config") or []
+    return os.path.join("runs", Path(str(configs[-1])).stem if configs else "run")
+
+
+def run(cfg: Namespace) -> None:
+    from sandbox.train import train
+
+    summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
+    if not summary.get("stopped"):
+        print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}")

@@ -1,0 +1,243 @@
+"""The four plugin kinds: Tokenizer, Ordering, Head, Dataset -- the contracts, with shapes.
+
+A plugin is a subclass of one of these base classes. Recipes name it with a
+jsonargparse ``class_path`` (the short class name works) and ``init_args``.
+Arguments that depend on other parts of a recipe (the token grid an ordering
+works on, the token and condition widths of a head) are not written in the
+recipe: the core passes them as the first positional arguments when it builds
+the plugin, so they cannot disagree.
+
+Shape alphabet: B batch, L sequence length, C token dim, D condition dim,
+c latent channels, h/w token grid, H/W image, N rows given to a head.
+
+References:
+    MAR: Li et al., "Autoregressive Image Generation without Vector Quantization", NeurIPS 2024.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from sandbox.errors import UserError
+
+__all__ = ["Tokenizer", "Ordering", "Head", "Dataset", "TrainingSplit", "SampleStep", "KINDS"]
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer: images <-> latent grid <-> token grid
+# --------------------------------------------------------------------------------------
+class Tokenizer(nn.Module):
+    """Images (B,3,H,W) in [-1,1] <-> latent grid (B,c,H/s,W/s); tokens are p x p latent patches.
+
+    Subclasses set ``latent_channels`` (c) and ``stride`` (s) and implement
+    ``encode``/``decode``. The scale that makes latents roughly unit-variance
+    belongs to the tokenizer (``encode`` returns scaled latents, ``decode``
+    takes them), so no other file repeats it. Tokenizers are frozen: the core
+    never trains them and never stores them in a MAR checkpoint.
+    """
+
+    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+
+    latent_channels: int = 3
+    stride: int = 1
+
+    def __init__(self, patch_size: int = 1):
+        super().__init__()
+        if patch_size < 1:
+            raise UserError(f"tokenizer patch_size must be >= 1, got {patch_size}")
+        self.patch_size = patch_size
+
+    # -- sizes ------------------------------------------------------------------------
+    @property
+    def token_dim(self) -> int:
+        """C: the width of one token, c * p * p."""
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def token_stride(self) -> int:
+        """Image pixels per token along one side."""
+        return self.stride * self.patch_size
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        """The token grid (h, w) of a square image; a clear error if it does not divide."""
+        if image_size % self.token_stride:
+            raise UserError(
+                f"image size {image_size} is not divisible by the tokenizer's stride x patch "
+                f"({self.stride} x {self.patch_size} = {self.token_stride}); change the dataset's "
+                "image_size or the tokenizer's patch_size"
+            )
+        side = image_size // self.token_stride
+        return side, side
+
+    # -- images <-> latents (override) -------------------------------------------------
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        """(B,3,H,W) in [-1,1] -> scaled latent (B,c,H/s,W/s). ``sample``: draw from the posterior
+        (training) instead of taking its mean; ignored by deterministic tokenizers."""
+        raise NotImplementedError
+
+    def decode(self, latent: Tensor) -> Tensor:
+        """Scaled latent (B,c,h',w') -> images (B,3,H,W), roughly in [-1,1]."""
+        raise NotImplementedError
+
+    # -- latents <-> tokens (shared) ------------------------------------------------------
+    def to_tokens(self, latent: Tensor) -> Tensor:
+        """(B,c,h*p,w*p) -> token grid (B,C,h,w); a token's channels are ordered (c, p, q),
+        the official MAR patchify layout."""
+        p = self.patch_size
+        return rearrange(latent, "b c (h p) (w q) -> b (c p q) h w", p=p, q=p)
+
+    def from_tokens(self, grid: Tensor) -> Tensor:
+        """Token grid (B,C,h,w) -> latent (B,c,h*p,w*p)."""
+        p = self.patch_size
+        return rearrange(grid, "b (c p q) h w -> b c (h p) (w q)", p=p, q=p)
+
+
+# --------------------------------------------------------------------------------------
+# Ordering: token grid <-> sequence, the training split, the sampling plan
+# --------------------------------------------------------------------------------------
+@dataclass
+class TrainingSplit:
+    """What one training step shows the transformer and where it takes the loss."""
+
+    inputs: Tensor  # (B, L, C) token values the encoder reads at visible positions
+    visible: Tensor  # (B, L) bool; every row has the same number of visible positions
+    weight: Tensor  # (B, L) float loss weight per position; 0 means no loss there
+
+
+@dataclass
+class SampleStep:
+    """One step of a sampling plan."""
+
+    predict: Tensor  # (B, L) bool: positions sampled at this step (same count per row)
+    progress: float  # fraction of the sequence fixed after this step, in (0, 1]; drives CFG schedules
+
+
+class Ordering:
+    """How a token grid becomes a sequence, what training hides, and the order of generation.
+
+    Built by the core as ``OrderingClass(grid, **init_args)`` with ``grid`` the
+    token grid (h, w). An ordering owns (a) ``to_sequence``/``to_grid``, (b)
+    ``training_split`` (which positions the encoder sees and which carry loss)
+    and (c) ``sampling_plan`` (the positions predicted at each step). Every
+    position must be predicted exactly once over a plan.
+    """
+
+    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+
+    def __init__(self, grid: tuple[int, int]):
+        self.grid = (int(grid[0]), int(grid[1]))
+
+    @property
+    def seq_len(self) -> int:
+        """L: positions in the sequence (h*w for a flat grid; more for a pyramid)."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_groups(self) -> int:
+        """Number of position groups (e.g. scales); > 1 gives the transformer a group embedding."""
+        return 1
+
+    def groups(self) -> Tensor:
+        """(L,) long: the group of each position (all 0 for a flat grid)."""
+        return torch.zeros(self.seq_len, dtype=torch.long)
+
+    def to_sequence(self, grid: Tensor) -> Tensor:
+        """Token grid (B,C,h,w) -> sequence (B,L,C)."""
+        return rearrange(grid, "b c h w -> b (h w) c")
+
+    def to_grid(self, seq: Tensor) -> Tensor:
+        """Sequence (B,L,C) -> the token grid (B,C,h,w) to decode."""
+        return rearrange(seq, "b (h w) c -> b c h w", h=self.grid[0], w=self.grid[1])
+
+    def training_split(self, seq: Tensor, generator: torch.Generator | None = None) -> TrainingSplit:
+        """Sequence (B,L,C) -> what the encoder sees and where the loss is taken."""
+        raise NotImplementedError
+
+    def sampling_plan(
+        self, batch: int, num_iter: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> list[SampleStep]:
+        """The steps of generation for ``batch`` images; ``num_iter`` is a request the ordering may adapt."""
+        raise NotImplementedError
+
+    def step_inputs(self, tokens: Tensor, known: Tensor, step: SampleStep) -> tuple[Tensor, Tensor]:
+        """Before a sampling step: (tokens (B,L,C), known (B,L) bool) -> (encoder inputs, visible).
+
+        The default shows the encoder what is known. An ordering may fill the
+        positions about to be predicted with a guess and make them visible
+        (a coarse-to-fine ordering shows the upsampled coarser scale).
+        """
+        return tokens, known
+
+
+# --------------------------------------------------------------------------------------
+# Head: the per-token distribution p(x | z)
+# --------------------------------------------------------------------------------------
+class Head(nn.Module):
+    """A per-token conditional distribution p(x | z), trained by ``loss`` and drawn by ``sample``.
+
+    Built by the core as ``HeadClass(token_dim, cond_dim, **init_args)``.
+    """
+
+    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+
+    def __init__(self, token_dim: int, cond_dim: int):
+        super().__init__()
+        self.token_dim = int(token_dim)
+        self.cond_dim = int(cond_dim)
+
+    def loss(self, target: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """target (N,C), cond (N,D) -> per-row loss (N,)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        cond: Tensor,
+        temperature: float = 1.0,
+        cfg: float = 1.0,
+        uncond: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """cond (N,D) -> samples (N,C). With ``uncond`` (N,D) and ``cfg`` != 1, classifier-free
+        guidance mixes the two conditions with scale ``cfg``."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------
+# Dataset: labelled images in [-1, 1]
+# --------------------------------------------------------------------------------------
+class Dataset(torch.utils.data.Dataset):
+    """Labelled images: ``dataset[i] -> (image (3,H,W) float in [-1,1], label int)``.
+
+    Subclasses set ``image_size`` (H = W) and ``num_classes``. Random
+    augmentation happens on whole batches in ``augment`` with the trainer's
+    generator, so a seed fixes it whatever the number of loader workers.
+    """
+
+    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+
+    image_size: int = 0
+    num_classes: int = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def augment(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Batch-level random augmentation, (B,3,H,W) -> (B,3,H,W); identity by default."""
+        return images
+
+    def scorer(self):
+        """An offline score for samples of this dataset, or None.
+
+        A scorer has ``score(images (N,3,H,W) in [-1,1], labels (N,)) -> dict[str, float]``
+        (for digits: a small classifier's accuracy and a Frechet distance in its features).
+        """
+        return None
+
+
+KINDS: dict[str, type] = {"tokenizer": Tokenizer, "ordering": Ordering, "head": Head, "dataset": Dataset}

@@ -1,0 +1,41 @@
+"""The trainable model: the MAR transformer plus the per-token head, and the training loss that joins them.
+
+References:
+    MAR sec. 3 (Diffusion Loss as the per-token loss) and official ``MAR.forward`` / ``forward_loss``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sandbox.kinds import Head, TrainingSplit
+from sandbox.mar import MARTransformer
+
+
+class MAR(nn.Module):
+    """What a checkpoint stores: ``transformer`` (tokens -> conditions) and ``head`` (p(token | condition))."""
+
+    def __init__(self, transformer: MARTransformer, head: Head):
+        super().__init__()
+        self.transformer = transformer
+        self.head = head
+
+    def forward(self, seq: Tensor, split: TrainingSplit, labels: Tensor, generator: torch.Generator | None = None
+                ) -> Tensor:
+        """The training loss of one batch: seq (B,L,C) targets, the ordering's split, labels (B,) -> scalar.
+
+        The head only sees positions with loss weight > 0 (the official runs it on
+        all L positions and masks the loss afterwards: same value, ~15% more work),
+        each repeated ``head_batch_mul`` times with fresh noise (official
+        diffusion_batch_mul).
+        """
+        cfg = self.transformer.config
+        B = seq.shape[0]
+        drop = torch.rand(B, device=seq.device, generator=generator) < cfg.label_drop_prob  # (B,) label drop for CFG
+        z = self.transformer(split.inputs, split.visible, labels, drop)  # (B, L, D)
+        rows = split.weight > 0  # (B, L)
+        target, cond, weight = seq[rows], z[rows], split.weight[rows]  # (N, C), (N, D), (N,)
+        mul = cfg.head_batch_mul
+        per_row = self.head.loss(target.repeat(mul, 1), cond.repeat(mul, 1), generator)  # (mul*N,)
+        weight = weight.repeat(mul).to(per_row.dtype)
+        return (per_row * weight).sum() / weight.sum()

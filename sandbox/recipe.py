@@ -1,0 +1,186 @@
+"""Recipes: the typed configuration of an experiment, and building its parts from it.
+
+A recipe is a YAML file checked by jsonargparse at parse time against the
+signatures below: the four plugin slots (``data``, ``tokenizer``,
+``ordering``, ``head``) take a ``class_path`` (short class names work) and
+``init_args``; ``model``, ``train`` and ``sample`` are dataclasses whose
+every field documents its default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from sandbox.errors import UserError
+from sandbox.kinds import Dataset, Head, Ordering, Tokenizer
+from sandbox.mar import MARConfig, MARTransformer
+from sandbox.model import MAR
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults are the official MAR settings where it has one."""
+
+    steps: int = 1000  # optimizer steps in total; the official counts epochs, steps make short runs comparable
+    batch_size: int = 64  # per process; official: 64 per GPU x 32 GPUs = 2048
+    grad_accum: int = 1  # micro-batches per optimizer step; the global batch counts them
+    blr: float = 1e-4  # official base lr; lr = blr * global_batch / 256 (Goyal et al. linear scaling)
+    lr: Optional[float] = None  # absolute lr; overrides blr when set
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # official: constant after warmup
+    warmup_steps: int = 0  # official: 100 epochs of linear warmup (set it for long runs)
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.02  # official; not applied to biases, 1-D parameters and the head
+    betas: tuple[float, float] = (0.9, 0.95)  # official AdamW betas
+    grad_clip: float = 3.0  # official max grad norm; 0 disables
+    ema_decay: float = 0.9999  # official EMA for the long ImageNet runs
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)): a short run's EMA forgets the random init
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    num_workers: int = 0  # data loader processes; 0 keeps in-memory datasets fastest
+    log_every: int = 10  # steps between metrics-log lines
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    keep_checkpoints: int = 2  # numbered checkpoints kept besides checkpoint-last.pt
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for generation (grids during training, ``sandbox sample``). Official MAR-B values."""
+
+    num_iter: int = 64  # official default (256 for the paper's table)
+    cfg: float = 1.0  # guidance scale; the paper's MAR-B uses 2.9 with the linear schedule
+    cfg_schedule: Literal["linear", "constant"] = "linear"  # official: linear ramp of the guidance with progress
+    temperature: float = 1.0  # official: 1.0 with cfg (0.95 without)
+    ema: bool = True  # sample with the EMA weights
+    batch_size: int = 64  # images per sampling batch
+    grid_classes: int = 10  # rows of a training sample grid (one class per row)
+    grid_per_class: int = 8  # columns of a training sample grid
+
+
+# the recipe's slots: plugin slots name a subclass; an ordering is built with the token grid (h, w),
+# a head with (token_dim, cond_dim), so those never appear in a recipe and cannot disagree
+SLOT_TYPES = {
+    "data": Dataset,
+    "tokenizer": Tokenizer,
+    "ordering": Callable[[tuple[int, int]], Ordering],
+    "head": Callable[[int, int], Head],
+    "model": MARConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+SLOT_HELP = {
+    "data": "Dataset plugin.",
+    "tokenizer": "Tokenizer plugin.",
+    "ordering": "Ordering plugin (the core passes the token grid).",
+    "head": "Head plugin (the core passes token_dim and cond_dim).",
+    "model": "MAR transformer settings.",
+    "train": "Training settings.",
+    "sample": "Sampling defaults.",
+}
+
+
+def add_recipe_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
+    parser.add_argument("--seed", type=int, default=0, help="Fixes initialisation, data order and all sampling.")
+    parser.add_argument("--plugins", type=list[str], default=[], help="Extra plugin files this recipe needs.")
+    for key, typ in SLOT_TYPES.items():
+        if key in ("model", "train", "sample"):
+            parser.add_argument(f"--{key}", type=typ, default=typ(), help=SLOT_HELP[key])
+        else:
+            parser.add_argument(f"--{key}", type=typ, required=True, help=SLOT_HELP[key])
+
+
+RECIPE_KEYS = ("seed", "plugins", "data", "tokenizer", "ordering", "head", "model", "train", "sample")
+
+
+def recipe_parser() -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False, prog="sandbox recipe")
+    add_recipe_arguments(parser)
+    return parser
+
+
+def recipe_dict(cfg: Namespace) -> dict:
+    """The recipe part of a parsed namespace as plain data (what a run directory stores)."""
+    d = cfg.clone().as_dict()
+    return {k: d[k] for k in RECIPE_KEYS if k in d}
+
+
+def parse_recipe(recipe: dict) -> Namespace:
+    """Re-parse a stored recipe dict (e.g. from a checkpoint) into a checked namespace."""
+    parser = recipe_parser()
+    try:
+        return parser.parse_object(recipe)
+    except Exception as e:
+        raise UserError(f"stored recipe no longer parses: {one_line(e)}") from e
+
+
+def one_line(e: BaseException) -> str:
+    """A parse error as one readable line (jsonargparse errors span several)."""
+    msg = str(e)
+    msg = re.sub(r"Got value: .*", "", msg, flags=re.S)
+    msg = " ".join(msg.split())
+    return msg.rstrip(" .:")
+
+
+# --------------------------------------------------------------------------------------
+# Building the parts
+# --------------------------------------------------------------------------------------
+@dataclass
+class Experiment:
+    """Everything a recipe builds. ``dataset`` is None when built for sampling only."""
+
+    cfg: Namespace
+    tokenizer: Tokenizer
+    ordering: Ordering
+    model: MAR
+    image_size: int
+    num_classes: int
+    dataset: Dataset | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def instantiate(cfg: Namespace, key: str):
+    """Build one slot of a parsed recipe; the others (e.g. an expensive dataset) stay unbuilt."""
+    single = ArgumentParser(exit_on_error=False)
+    single.add_argument(f"--{key}", type=SLOT_TYPES[key])
+    sub = Namespace()
+    sub[key] = cfg[key].clone() if isinstance(cfg[key], Namespace) else cfg[key]
+    try:
+        return single.instantiate(sub)[key]
+    except UserError:
+        raise
+    except (TypeError, ValueError, OSError) as e:
+        name = cfg[key].class_path if isinstance(cfg[key], Namespace) and "class_path" in cfg[key] else key
+        raise UserError(f"cannot build {key} {name}: {one_line(e)}") from e
+
+
+def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
+    """Build the parts of a parsed recipe. With ``meta`` ({image_size, num_classes}, from a run
+    directory) the dataset is not built: sampling does not need it."""
+    torch.manual_seed(cfg.seed)  # initial weights follow the recipe's seed
+    dataset = None
+    if meta is None:
+        dataset = instantiate(cfg, "data")
+        if len(dataset) == 0:
+            raise UserError(f"dataset {type(dataset).__name__} is empty")
+        meta = {"image_size": int(dataset.image_size), "num_classes": int(dataset.num_classes)}
+    tokenizer = instantiate(cfg, "tokenizer")
+    grid = tokenizer.grid_size(meta["image_size"])
+    ordering = instantiate(cfg, "ordering")(grid)
+    model_cfg = instantiate(cfg, "model")
+    transformer = MARTransformer(model_cfg, ordering.seq_len, tokenizer.token_dim, meta["num_classes"],
+                                 ordering.num_groups)
+    transformer.set_groups(ordering.groups())
+    head = instantiate(cfg, "head")(tokenizer.token_dim, model_cfg.decoder_dim)
+    if head.token_dim != tokenizer.token_dim or head.cond_dim != model_cfg.decoder_dim:
+        raise UserError(
+            f"head {type(head).__name__} has token_dim {head.token_dim} / cond_dim {head.cond_dim} but the tokenizer "
+            f"gives {tokenizer.token_dim}-dim tokens and the decoder {model_cfg.decoder_dim}-dim conditions"
+        )
+    tokenizer.requires_grad_(False).eval()
+    return Experiment(cfg, tokenizer, ordering, MAR(transformer, head), meta["image_size"], meta["num_classes"],
+                      dataset, meta)

@@ -1,0 +1,338 @@
+"""The training core: data -> tokenizer -> ordering -> MAR -> head.loss, for every recipe.
+
+One loop for every plugin combination: a batch of images becomes a latent
+(tokenizer), a token sequence with a visible/loss split (ordering), per-
+position conditions (transformer) and a loss (head). Around it: AdamW with
+the official no-decay groups, lr warmup and schedule, grad clipping, EMA,
+autocast, atomic checkpoints, exact resume, a JSONL metrics log, sample grids.
+
+References:
+    MAR official main_mar.py / engine_mar.py (optimizer groups, lr scaling, EMA, grad clip);
+    Goyal et al. 2017 (lr = blr * batch / 256).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sandbox import __version__
+from sandbox.checkpoint import RunDir
+from sandbox.errors import UserError
+from sandbox.generate import generate_many
+from sandbox.images import save_grid
+from sandbox.recipe import Experiment, TrainConfig, build, instantiate, parse_recipe, recipe_dict
+
+# recipe keys that may change when a run resumes (they do not change what is being trained)
+RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_workers",
+                  "train.device", "train.keep_checkpoints", "sample"}
+
+
+# --------------------------------------------------------------------------------------
+# Devices, precision, optimizer, schedule
+# --------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} requested but CUDA is not available; use --train.device cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting (None: plain fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Official MAR groups: no decay on biases, 1-D parameters (norms, embeddings' vectors) and the head."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name.startswith("head.") or ".head." in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def base_lr(tc: TrainConfig, world_size: int = 1) -> float:
+    """lr = blr * global batch / 256 unless an absolute lr is given."""
+    if tc.lr is not None:
+        return tc.lr
+    return tc.blr * tc.batch_size * tc.grad_accum * world_size / 256
+
+
+def lr_at(step: int, tc: TrainConfig, peak: float) -> float:
+    """Linear warmup to ``peak``, then constant (official) or cosine down to ``min_lr``."""
+    if step < tc.warmup_steps:
+        return peak * (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return peak
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.min_lr + (peak - tc.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+
+
+def ema_decay_at(step: int, tc: TrainConfig) -> float:
+    return min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+
+
+# --------------------------------------------------------------------------------------
+# Data: epoch-seeded permutations that can restart at any step
+# --------------------------------------------------------------------------------------
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices from per-epoch permutations seeded by (seed, epoch), starting at any micro-batch.
+
+    Like ``DistributedSampler`` (rank r takes its slice of every global batch),
+    plus what it lacks: restarting in the middle of an epoch, so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        if n < self.global_batch:
+            raise UserError(f"the dataset has {n} images, fewer than one global batch ({self.global_batch}); "
+                            "lower --train.batch_size")
+        self.per_epoch = n // self.global_batch  # drop the ragged end, as the official loader does
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            epoch, j = divmod(k, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            for jj in range(j, self.per_epoch):
+                lo = jj * self.global_batch + self.rank * self.batch_size
+                yield perm[lo : lo + self.batch_size].tolist()
+            k = (epoch + 1) * self.per_epoch
+
+    def __len__(self) -> int:  # infinite stream; len is one epoch for DataLoader's bookkeeping
+        return self.per_epoch
+
+
+def batches(dataset, tc: TrainConfig, seed: int, start_micro: int, device: torch.device):
+    sampler = ResumableBatchSampler(len(dataset), tc.batch_size, seed, start_micro)
+    # the loader draws its worker base seed from `generator`, not from the global RNG that dropout uses
+    # (otherwise creating it after a resume would shift every later dropout mask)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(seed + start_micro))
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------
+# One step of the core
+# --------------------------------------------------------------------------------------
+def training_loss(exp: Experiment, model: nn.Module, images: Tensor, labels: Tensor,
+                  generator: torch.Generator | None) -> Tensor:
+    """images (B,3,H,W), labels (B,) -> scalar loss. ``model`` may be DDP-wrapped."""
+    with torch.no_grad():
+        images = exp.dataset.augment(images, generator) if exp.dataset is not None else images
+        latent = exp.tokenizer.encode(images, generator, sample=True)  # (B, c, h*p, w*p)
+        seq = exp.ordering.to_sequence(exp.tokenizer.to_tokens(latent))  # (B, L, C)
+        split = exp.ordering.training_split(seq, generator)
+    return model(seq, split, labels, generator)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS):
+                continue
+            out += _differences(a.get(k), b.get(k), key)
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+class _StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
+    """Train (or resume) the recipe ``cfg`` in ``run_dir``. Returns a summary dict."""
+    run = RunDir(run_dir)
+    recipe = recipe_dict(cfg)
+    if run.exists():
+        diffs = _differences(run.read_recipe(), recipe)
+        if diffs:
+            raise UserError(f"run directory {run.root} holds a different recipe ({'; '.join(diffs[:3])}); "
+                            "use a new --run_dir or the stored recipe")
+    tc: TrainConfig = instantiate(cfg, "train")
+    device = resolve_device(tc.device)
+    amp_dtype = autocast_dtype(tc.precision, device)
+    exp = build(cfg)
+    run.create()
+    run.write_recipe(recipe)
+
+    model = exp.model.to(device)
+    exp.tokenizer.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    peak_lr = base_lr(tc)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr, betas=tuple(tc.betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout draws from the global generator; its state is checkpointed too
+
+    step, skipped = 0, 0
+    ckpt = run.load_latest(map_location=device)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this model: {str(e).splitlines()[0]}") from e
+        opt.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        step, skipped = int(ckpt["step"]), int(ckpt.get("skipped", 0))
+        set_rng_state(ckpt["rng"], generator)
+        print(f"resuming {run.root} from step {step}")
+
+    def checkpoint() -> None:
+        run.save({
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "skipped": skipped, "rng": rng_state(generator),
+            "recipe": recipe, "meta": exp.meta, "version": __version__,
+        }, step, tc.keep_checkpoints)
+
+    def sample_grid(tag: str) -> Path:
+        sc = instantiate(cfg, "sample")
+        k = min(sc.grid_classes, exp.num_classes)
+        labels = torch.arange(k).repeat_interleave(sc.grid_per_class)  # one row per class
+        images = generate_many(exp, labels, batch_size=max(len(labels), 1), seed=cfg.seed, model=ema,
+                               num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
+                               temperature=sc.temperature, autocast_dtype=amp_dtype)
+        path = run.samples_dir / f"{tag}.png"
+        save_grid(images, path, ncol=sc.grid_per_class)
+        return path
+
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    data = batches(exp.dataset, tc, cfg.seed, step * tc.grad_accum, device)
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    t_last, seen, last = time.perf_counter(), 0, {}
+    model.train()
+    with _StopRequested() as stop:
+        while step < tc.steps and stop.signal is None:
+            lr = lr_at(step, tc, peak_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for _ in range(tc.grad_accum):
+                images, labels = next(data)
+                with amp:
+                    loss = training_loss(exp, model, images, labels, generator) / tc.grad_accum
+                scaler.scale(loss).backward()
+                total += loss.item()
+                seen += images.shape[0]
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+            if math.isfinite(total) and torch.isfinite(grad_norm):
+                scaler.step(opt)
+                scaler.update()
+                ema_update(ema, model, ema_decay_at(step, tc))
+            else:
+                skipped += 1
+                print(f"warning: non-finite loss or gradient at step {step}; update skipped")
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                last = {"step": step, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
+                        "img_per_s": seen / max(now - t_last, 1e-9), "skipped": skipped}
+                run.append_metrics(last)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.0f}")
+                t_last, seen = now, 0
+            if step % tc.ckpt_every == 0 and step < tc.steps:
+                checkpoint()
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                sample_grid(f"step_{step:07d}")
+        bar.close()
+        checkpoint()
+        if stop.signal is not None:
+            print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in {run.ckpt_dir}")
+            return {"step": step, "stopped": True, "run_dir": str(run.root)}
+    grid = sample_grid(f"step_{step:07d}")
+    (run.samples_dir / "final.png").write_bytes(grid.read_bytes())
+    return {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "grid": str(grid)}
+
+
+def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") -> tuple[Experiment, nn.Module, dict]:
+    """Rebuild a run's parts from its last checkpoint alone. Returns (experiment, model to sample, checkpoint)."""
+    run = RunDir(run_dir).require()
+    ckpt = run.load_latest()
+    if ckpt is None:
+        raise UserError(f"{run.root} has no checkpoint yet; train it first")
+    cfg = parse_recipe(ckpt["recipe"])
+    exp = build(cfg, meta=ckpt["meta"])
+    state = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"]
+    try:
+        exp.model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint of {run.root} does not fit its recipe's model: {str(e).splitlines()[0]}") from e
+    dev = resolve_device(device)
+    exp.model.to(dev).eval()
+    exp.tokenizer.to(dev)
+    return exp, exp.model, ckpt

@@ -1,0 +1,44 @@
+"""Shared test fixtures: a tiny recipe, the parity fixture directory, and plugin discovery."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sandbox import registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+registry.discover()
+
+# A recipe small enough to train in a second: 8 px digits, 2x2 patches -> 16 tokens of 12 dims.
+TINY_RECIPE = {
+    "seed": 0,
+    "data": {"class_path": "DigitsDataset", "init_args": {"image_size": 8}},
+    "tokenizer": {"class_path": "PixelTokenizer", "init_args": {"patch_size": 2}},
+    "ordering": {"class_path": "RandomOrdering"},
+    "head": {"class_path": "DiffusionHead", "init_args": {"width": 32, "depth": 1, "num_sampling_steps": 4,
+                                                           "x0_clip": 1.0}},
+    "model": {"encoder_dim": 32, "encoder_depth": 1, "encoder_heads": 2, "decoder_dim": 32, "decoder_depth": 1,
+              "decoder_heads": 2, "buffer_size": 2},
+    "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 2, "ckpt_every": 3, "ema_decay": 0.9},
+    "sample": {"num_iter": 3, "grid_classes": 2, "grid_per_class": 2, "batch_size": 8},
+}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    return path
+
+
+def parity_fixture_dir() -> Path | None:
+    """$SANDBOX_PARITY_FIXTURES, else ../shared/fixtures next to the repository."""
+    env = os.environ.get("SANDBOX_PARITY_FIXTURES")
+    if env:
+        return Path(env)
+    default = REPO.parent / "shared" / "fixtures"
+    return default if default.is_dir() else None
