@@ -82,6 +82,23 @@ class Tokenizer(nn.Module):
         """Scaled latent (B,c,h',w') -> images (B,3,H,W), roughly in [-1,1]."""
         raise NotImplementedError
 
+    # -- posterior moments: what a latent cache stores (override for stochastic tokenizers) -----
+    @property
+    def moment_channels(self) -> int:
+        """P: channels of ``moments`` (a Gaussian posterior: mean and log-variance, 2c)."""
+        return self.latent_channels
+
+    def moments(self, images: Tensor) -> Tensor:
+        """(B,3,H,W) -> the deterministic encoder output (B,P,H/s,W/s) that ``latent_from_moments``
+        turns into a latent. Default (deterministic tokenizers): the latent itself."""
+        return self.encode(images, sample=False)
+
+    def latent_from_moments(self, moments: Tensor, generator: torch.Generator | None = None,
+                            sample: bool = True) -> Tensor:
+        """(B,P,h',w') -> scaled latent (B,c,h',w'), drawn from the posterior (``sample``) or its mean.
+        ``encode(x, g, s)`` must equal ``latent_from_moments(moments(x), g, s)``."""
+        return moments
+
     # -- latents <-> tokens (shared) ------------------------------------------------------
     def to_tokens(self, latent: Tensor) -> Tensor:
         """(B,c,h*p,w*p) -> token grid (B,C,h,w); a token's channels are ordered (c, p, q),
@@ -214,22 +231,37 @@ class Dataset(torch.utils.data.Dataset):
     Subclasses set ``image_size`` (H = W) and ``num_classes``. Random
     augmentation happens on whole batches in ``augment`` with the trainer's
     generator, so a seed fixes it whatever the number of loader workers.
+    A latent cache sets ``provides = "moments"``: its items are encoded
+    images, and ``augment`` picks the view (e.g. the flip) of each row.
     """
 
-    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+    contract_args: dict = {}  # small init_args for the contract tests, or a classmethod returning them (files)
 
     image_size: int = 0
     num_classes: int = 0
+    # what items hold: "images" (the core encodes them with the tokenizer) or "moments" (a latent
+    # cache: ``augment`` turns a batch of items into tokenizer moments (B,P,h,w), the core samples
+    # latents from them with ``Tokenizer.latent_from_moments``)
+    provides: str = "images"
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Never fails during training: a dataset with unreadable files substitutes a readable one."""
         raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Tensor, int] | None:
+        """Item ``index`` itself, or None when it cannot be read (exporters such as ``sandbox cache``
+        skip it instead of taking a substitute). Default: ``self[index]``."""
+        return self[index]
 
     def augment(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Batch-level random augmentation, (B,3,H,W) -> (B,3,H,W); identity by default."""
         return images
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Raise UserError when this dataset cannot feed ``tokenizer`` (a cache made by another one)."""
 
     def scorer(self):
         """An offline score for samples of this dataset, or None.

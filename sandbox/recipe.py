@@ -169,6 +169,8 @@ def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
             raise UserError(f"dataset {type(dataset).__name__} is empty")
         meta = {"image_size": int(dataset.image_size), "num_classes": int(dataset.num_classes)}
     tokenizer = instantiate(cfg, "tokenizer")
+    if dataset is not None:
+        dataset.check_tokenizer(tokenizer)
     grid = tokenizer.grid_size(meta["image_size"])
     ordering = instantiate(cfg, "ordering")(grid)
     model_cfg = instantiate(cfg, "model")

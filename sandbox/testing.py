@@ -20,8 +20,16 @@ def _fail(plugin, msg: str) -> AssertionError:
     return AssertionError(f"{getattr(plugin, '__name__', type(plugin).__name__)}: {msg}")
 
 
+def contract_args(cls) -> dict:
+    """A plugin's small init_args for the contract tests: its ``contract_args`` dict, or what its
+    ``contract_args()`` classmethod returns (for plugins that need files, e.g. a folder it writes)."""
+    args = cls.contract_args
+    return dict(args() if callable(args) else args)
+
+
 def check_tokenizer(tokenizer: Tokenizer, image_size: int | None = None, batch: int = 2) -> None:
-    """encode -> (B,c,H/s,W/s); to_tokens/from_tokens invert each other; decode returns (B,3,H,W)."""
+    """encode -> (B,c,H/s,W/s); to_tokens/from_tokens invert each other; decode returns (B,3,H,W);
+    moments -> (B,P,H/s,W/s) and latent_from_moments(moments(x)) == encode(x) for the same generator."""
     assert isinstance(tokenizer, Tokenizer), _fail(tokenizer, "is not a Tokenizer")
     s = image_size or tokenizer.token_stride * 4
     g = torch.Generator().manual_seed(0)
@@ -45,6 +53,18 @@ def check_tokenizer(tokenizer: Tokenizer, image_size: int | None = None, batch: 
         again = tokenizer.encode(images, generator=torch.Generator().manual_seed(1), sample=False)
         if not torch.allclose(again, latent, atol=1e-5):
             raise _fail(tokenizer, "encode(sample=False) is not deterministic")
+        # posterior moments (what a latent cache stores) must give the same latents as encode
+        moments = tokenizer.moments(images)
+        if tuple(moments.shape) != (batch, tokenizer.moment_channels, *expect[2:]):
+            raise _fail(tokenizer, f"moments gave {tuple(moments.shape)}, expected "
+                                   f"{(batch, tokenizer.moment_channels, *expect[2:])}")
+        if not torch.allclose(tokenizer.latent_from_moments(moments, sample=False), latent, atol=1e-5):
+            raise _fail(tokenizer, "latent_from_moments(moments(x), sample=False) != encode(x, sample=False)")
+        drawn = [tokenizer.latent_from_moments(moments, torch.Generator().manual_seed(2)) for _ in range(2)]
+        if not torch.equal(drawn[0], drawn[1]) or tuple(drawn[0].shape) != expect:
+            raise _fail(tokenizer, "latent_from_moments must be fixed by its generator and give latent shapes")
+        if not torch.allclose(tokenizer.encode(images, torch.Generator().manual_seed(2)), drawn[0], atol=1e-5):
+            raise _fail(tokenizer, "encode(x, g) != latent_from_moments(moments(x), g)")
 
 
 def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, token_dim: int = 5,
@@ -131,7 +151,8 @@ def check_head(factory, token_dim: int = 6, cond_dim: int = 16, n: int = 10, **i
 
 
 def check_dataset(dataset: Dataset, max_items: int = 4) -> None:
-    """Items are ((3,S,S) float in [-1,1], int label in [0, num_classes)); augment keeps shapes."""
+    """Items are ((3,S,S) float in [-1,1], int label in [0, num_classes)); augment keeps shapes.
+    A latent cache (``provides == "moments"``): augment turns items into (B,P,h,w) moments."""
     assert isinstance(dataset, Dataset), _fail(dataset, "is not a Dataset")
     if len(dataset) == 0:
         raise _fail(dataset, "is empty")
@@ -139,6 +160,21 @@ def check_dataset(dataset: Dataset, max_items: int = 4) -> None:
         raise _fail(dataset, "must set image_size and num_classes")
     S = dataset.image_size
     items = [dataset[i] for i in range(min(max_items, len(dataset)))]
+    for i, (image, label) in enumerate(items):
+        loaded = dataset.load(i)
+        if loaded is not None and (not torch.equal(loaded[0], image) or int(loaded[1]) != int(label)):
+            raise _fail(dataset, f"load({i}) must be None (unreadable) or equal dataset[{i}]")
+    if dataset.provides == "moments":
+        batch = torch.stack([x for x, _ in items])
+        out = dataset.augment(batch, torch.Generator().manual_seed(0))
+        if out.ndim != 4 or out.shape[0] != batch.shape[0] or not out.is_floating_point():
+            raise _fail(dataset, f"augment must give float moments (B, P, h, w), got {tuple(out.shape)}")
+        for label in (int(lab) for _, lab in items):
+            if not 0 <= label < dataset.num_classes:
+                raise _fail(dataset, f"label {label} outside [0, {dataset.num_classes})")
+        return
+    if dataset.provides != "images":
+        raise _fail(dataset, f"provides must be 'images' or 'moments', got {dataset.provides!r}")
     for image, label in items:
         if tuple(image.shape) != (3, S, S) or not image.is_floating_point():
             raise _fail(dataset, f"images must be float (3, {S}, {S}), got {tuple(image.shape)} {image.dtype}")

@@ -147,10 +147,13 @@ def batches(dataset, tc: TrainConfig, seed: int, start_micro: int, device: torch
 # --------------------------------------------------------------------------------------
 def training_loss(exp: Experiment, model: nn.Module, images: Tensor, labels: Tensor,
                   generator: torch.Generator | None) -> Tensor:
-    """images (B,3,H,W), labels (B,) -> scalar loss. ``model`` may be DDP-wrapped."""
+    """images (B,3,H,W) (or a latent cache's items), labels (B,) -> scalar loss. ``model`` may be DDP-wrapped."""
     with torch.no_grad():
         images = exp.dataset.augment(images, generator) if exp.dataset is not None else images
-        latent = exp.tokenizer.encode(images, generator, sample=True)  # (B, c, h*p, w*p)
+        if exp.dataset is not None and exp.dataset.provides == "moments":  # a latent cache: no encoder pass
+            latent = exp.tokenizer.latent_from_moments(images, generator, sample=True)  # (B, c, h*p, w*p)
+        else:
+            latent = exp.tokenizer.encode(images, generator, sample=True)  # (B, c, h*p, w*p)
         seq = exp.ordering.to_sequence(exp.tokenizer.to_tokens(latent))  # (B, L, C)
         split = exp.ordering.training_split(seq, generator)
     return model(seq, split, labels, generator)

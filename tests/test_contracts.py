@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox import registry
-from sandbox.testing import check_dataset, check_head, check_ordering, check_tokenizer
+from sandbox.testing import check_dataset, check_head, check_ordering, check_tokenizer, contract_args
 
 
 def _params(kind):
@@ -14,23 +14,23 @@ def _params(kind):
 
 @_params("tokenizer")
 def test_tokenizer_contract(cls):
-    check_tokenizer(cls(**cls.contract_args))
+    check_tokenizer(cls(**contract_args(cls)))
 
 
 @_params("ordering")
 def test_ordering_contract(cls):
-    check_ordering(cls, grid=(4, 4), **cls.contract_args)
-    check_ordering(cls, grid=(2, 3), **cls.contract_args)
+    check_ordering(cls, grid=(4, 4), **contract_args(cls))
+    check_ordering(cls, grid=(2, 3), **contract_args(cls))
 
 
 @_params("head")
 def test_head_contract(cls):
-    check_head(cls, **cls.contract_args)
+    check_head(cls, **contract_args(cls))
 
 
 @_params("dataset")
 def test_dataset_contract(cls):
-    check_dataset(cls(**cls.contract_args))
+    check_dataset(cls(**contract_args(cls)))
 
 
 def test_every_kind_has_a_builtin():
