@@ -1,0 +1,140 @@
+"""Images in the ImageNet layout (``root/<class>/<image>``): ADM center crop, random horizontal flip.
+
+Classes are the sorted sub-folder names and files are listed as torchvision's
+``ImageFolder`` lists them (the official MAR loader), so labels and order match
+the official code's. Each image is resized and center-cropped to
+``image_size`` as ADM does (box-halve while the short side is >= 2x the size,
+then bicubic, then crop); the flip happens batch-wise in ``augment`` with the
+trainer's generator. A file that cannot be read is skipped, counted and
+reported once: training takes the next readable image in its place, and
+``load`` returns None for it so ``sandbox cache`` leaves it out.
+
+References:
+    Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", 2021 (ADM center crop,
+    guided_diffusion/image_datasets.py center_crop_arr); MAR official util/crop.py and main_mar.py (same
+    crop + RandomHorizontalFlip, images normalised to [-1, 1]); torchvision ImageFolder (layout, file order).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sandbox.errors import UserError
+from sandbox.kinds import Dataset
+
+# torchvision's ImageFolder extensions, so the same files count as images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's center crop: PIL RGB image -> (size, size, 3) uint8."""
+    while min(image.size) >= 2 * size:  # halve with a box filter first: cheap and alias-free for large images
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image)  # a writable copy
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """(class names, file paths, labels) in torchvision ImageFolder order (sorted classes, sorted walk)."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    return classes, paths, labels
+
+
+def write_example_folder(root: str | Path, num_classes: int = 2, per_class: int = 2, corrupt: bool = True) -> Path:
+    """A tiny ImageNet-layout folder of random PNGs (plus one corrupt file): for tests and the contract kit."""
+    root = Path(root)
+    g = torch.Generator().manual_seed(0)
+    for c in range(num_classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            size = (24 + 4 * i, 18)  # non-square, so the crop matters
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / f"class{c}" / f"img{i}.png")
+    if corrupt:
+        (root / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-layout folder (root/<class>/<image>): ADM center crop to image_size, random horizontal flip."""
+
+    @classmethod
+    def contract_args(cls) -> dict:  # a folder the kit writes: 2 classes x 2 PNGs and one corrupt file
+        return {"root": str(write_example_folder(tempfile.mkdtemp(prefix="imagefolder-contract-"))), "image_size": 16}
+
+    def __init__(
+        self,
+        root: str,  # e.g. the ImageNet train split: one sub-folder per class (n01440764/, ...)
+        image_size: int = 256,  # MAR's ImageNet resolution (256 px -> 16 x 16 KL-16 tokens)
+        random_flip: bool = True,  # the official augmentation: horizontal flip with probability 1/2
+    ):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise UserError(f"image folder not found: {self.root}; put the images there as <root>/<class>/<image> "
+                            "(e.g. ImageNet's train split) or set --data.root")
+        if image_size < 1:
+            raise UserError(f"image_size must be positive, got {image_size}")
+        self.image_size, self.random_flip = int(image_size), random_flip
+        classes, paths, labels = list_image_folder(self.root)
+        if not paths:
+            raise UserError(f"no images in {self.root}: expected <root>/<class>/<image> with extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)}")
+        self.classes = classes
+        self.num_classes = len(classes)
+        # numpy arrays, not lists of str: loader workers read them without copy-on-write growth
+        self.paths = np.array(paths)
+        self.labels = np.array(labels, dtype=np.int64)
+        self.unreadable: dict[str, str] = {}  # path -> reason, in this process
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[Tensor, int] | None:
+        path = str(self.paths[index])
+        try:
+            with Image.open(path) as image:
+                arr = center_crop(image.convert("RGB"), self.image_size)  # (S, S, 3) uint8
+        except MemoryError:
+            raise
+        except Exception as e:  # any undecodable file (truncated, not an image, bad header) is skipped
+            self._report(path, f"{type(e).__name__}: {e}")
+            return None
+        image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
+        return image, int(self.labels[index])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        n = len(self)
+        for k in range(n):  # an unreadable file: take the next readable one, so a run never stops on it
+            item = self.load((index + k) % n)
+            if item is not None:
+                return item
+        raise UserError(f"none of the {n} images in {self.root} can be read")
+
+    def _report(self, path: str, reason: str) -> None:
+        if path not in self.unreadable:
+            self.unreadable[path] = reason
+            print(f"warning: skipping unreadable image {path} ({reason}); "
+                  f"{len(self.unreadable)} skipped so far", file=sys.stderr)
+
+    def augment(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if not self.random_flip:
+            return images
+        flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5  # (B,)
+        return torch.where(flip[:, None, None, None], images.flip(-1), images)  # (B, 3, S, S)
