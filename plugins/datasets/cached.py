@@ -1,0 +1,80 @@
+"""A latent cache written by ``sandbox cache``: trains from stored posterior moments, no encoder pass.
+
+Each item holds the moments of an image and of its horizontal flip; ``augment``
+picks one view per row with the trainer's generator (the official random flip),
+and the core draws the latent from the moments with the tokenizer
+(``Tokenizer.latent_from_moments``), so posterior sampling stays fresh every
+epoch. The recipe's tokenizer must be the one that made the cache: it is
+checked on a stored probe image.
+
+References:
+    MAR official util/loader.py CachedFolder (moments / moments_flip chosen at random) and engine_mar.py.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from torch import Tensor
+
+from sandbox.errors import UserError
+from sandbox.kinds import Dataset, Tokenizer
+from sandbox.latent_cache import LatentCache, probe_images, write_cache
+
+
+class CachedDataset(Dataset):
+    """Tokenizer moments of each image and its flip, from `sandbox cache` (memory-mapped shards); random view."""
+
+    provides = "moments"
+
+    @classmethod
+    def contract_args(cls) -> dict:  # a tiny cache of the image-folder example, with raw-pixel "moments"
+        from plugins.datasets.imagefolder import ImageFolderDataset, write_example_folder
+        from plugins.tokenizers.pixels import PixelTokenizer
+
+        root = tempfile.mkdtemp(prefix="cached-contract-")
+        images = ImageFolderDataset(str(write_example_folder(f"{root}/images", corrupt=False)), image_size=8)
+        write_cache(images, PixelTokenizer(1), f"{root}/cache", recipe={}, shard_size=3, progress=False)
+        return {"path": f"{root}/cache"}
+
+    def __init__(
+        self,
+        path: str,  # the --out directory of `sandbox cache`
+        random_flip: bool = True,  # the official augmentation: the flipped view with probability 1/2
+    ):
+        self.cache = LatentCache(path)
+        self.random_flip = random_flip
+        self.image_size = int(self.cache.index["image_size"])
+        self.num_classes = int(self.cache.index["num_classes"])
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.cache[index]  # (2, P, h, w): the image's moments, then its flip's
+
+    def augment(self, views: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        B = views.shape[0]  # views: (B, 2, P, h, w)
+        if self.random_flip:
+            pick = (torch.rand(B, device=views.device, generator=generator) < 0.5).long()  # (B,) 1 = flipped
+        else:
+            pick = torch.zeros(B, dtype=torch.long, device=views.device)
+        return views[torch.arange(B, device=views.device), pick]  # (B, P, h, w)
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        made_by = self.cache.index["recipe"].get("tokenizer", {})
+        name = made_by.get("class_path", "?") if isinstance(made_by, dict) else "?"
+        shape = (tokenizer.moment_channels, self.image_size // tokenizer.stride, self.image_size // tokenizer.stride)
+        if tuple(self.cache.moment_shape) != shape:
+            raise UserError(f"latent cache {self.cache.root} holds moments of shape {tuple(self.cache.moment_shape)} "
+                            f"(made with {name}) but tokenizer {type(tokenizer).__name__} gives {shape}; "
+                            "use the tokenizer that made the cache or rebuild it")
+        # same architecture is not enough: the weights must match too (a fixed random image's moments)
+        stored = torch.from_numpy(self.cache.probe())
+        device = next(iter(tokenizer.parameters()), stored).device
+        with torch.no_grad():
+            now = tokenizer.moments(probe_images(self.image_size).to(device)).float().cpu()
+        err = (now - stored).abs().max().item() / max(stored.abs().max().item(), 1e-6)
+        if err > 1e-2:  # a GPU-made cache differs from a CPU check by TF32 rounding, ~1e-3; other weights by ~1
+            raise UserError(f"latent cache {self.cache.root} was made by a different tokenizer ({name}; relative "
+                            f"probe difference {err:.2g}); use the tokenizer that made it or rebuild the cache")
