@@ -202,6 +202,9 @@ def import_official(checkpoint: str | Path, run_dir: str | Path, vae: str | None
                         f"patch_size {args['patch_size']}) but the weights hold {arch['seq_len']} of "
                         f"{arch['vae_token_dim']}")
     vae = str(Path(vae or DEFAULT_CHECKPOINT).expanduser().resolve())  # absolute: sampling may run elsewhere
+    if not Path(vae).is_file():
+        raise UserError(f"KL-16 weights not found: {vae}; put the official kl16.ckpt (github.com/LTH14/mar, "
+                        "util/download.py) there or give its path with --vae")
     base_channels = int(load_kl16_state_dict(vae)["encoder.conv_in.weight"].shape[0])  # 128 for the real KL-16
 
     name = args.get("model")

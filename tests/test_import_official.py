@@ -64,6 +64,9 @@ def test_import_then_sample(released, tmp_path, capsys):
     assert main(["import-official", str(root / "checkpoint-last.pth"), "--run_dir", str(run),
                  "--vae", str(root / "kl16.ckpt")]) == 2  # never over an existing run
     assert "already holds a run" in capsys.readouterr().err
+    assert main(["import-official", str(root / "checkpoint-last.pth"), "--run_dir", str(tmp_path / "other"),
+                 "--vae", str(tmp_path / "nope.ckpt")]) == 2
+    assert "KL-16 weights not found" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 class Payload:  # a class a malicious checkpoint could make torch.load instantiate
