@@ -1,20 +1,32 @@
-"""Run directories, atomic checkpoint writes and safe checkpoint loads.
+"""Run directories, crash-safe checkpoint writes and safe checkpoint loads.
 
 A run directory holds:
     recipe.yaml               the fully resolved recipe (re-runnable with --config)
-    checkpoints/checkpoint-last.pt  and the last few numbered ones
+    checkpoints/checkpoint-last.pt  the newest checkpoint, and the last few numbered ones
+    checkpoints/checkpoint-best.pt  the best by a metric, when the recipe sets train.best_metric
     metrics.jsonl             one JSON object per logged step
     samples/                  sample grids written during training
 
 A checkpoint is a plain dict of tensors, numbers and strings -- {model, ema,
 optimizer, step, rng, recipe, meta, version} -- so it loads with
 ``torch.load(weights_only=True)``; nothing in it can run code when loaded.
+
+Crash safety: a checkpoint is written once to a temporary file, flushed and
+fsynced, then renamed into place (``checkpoint-last.pt`` first, then the
+numbered and best names, as hard links to the same bytes where the file
+system has them). A kill at any moment leaves every name either the old
+complete file or the new complete file. Loading the newest checkpoint skips
+(and reports) one that is unreadable, falling back to the previous one.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,26 +35,35 @@ import yaml
 from sandbox.errors import UserError
 
 LAST = "checkpoint-last.pt"
+BEST = "checkpoint-best.pt"
+
+# Globals a checkpoint may reference beyond what torch's weights-only unpickler admits by itself
+# (tensors, storages, dtypes, OrderedDict, plain containers, numbers, strings). Sandbox checkpoints
+# need nothing more, so the list is empty; a caller importing a foreign file (e.g. an official MAR
+# checkpoint, whose ``args`` is an argparse.Namespace) names the few classes it needs per call.
+SAFE_GLOBALS: tuple = ()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync it, then rename over ``path``.
+class UnsafeCheckpointError(UserError):
+    """A file that would need arbitrary code (a non-allowlisted global) to unpickle: refused, never skipped."""
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+# --------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------
+def _write_file(path: Path, data: bytes) -> None:
+    """Write, flush and fsync one file (the single place bytes reach the disk; tests patch it
+    to simulate a full disk)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (best effort: some file systems cannot fsync a directory)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {e.strerror or e}; the previous file is intact") from e
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -51,34 +72,93 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes, also: tuple[Path, ...] | list[Path] = ()) -> None:
+    """Write ``data`` to ``path`` (and the names in ``also``, same directory) so that a crash at any
+    moment leaves each name either the old file or the new one, never a torn one.
+
+    The bytes are written once to a temporary file, fsynced, and renamed into place; the extra
+    names are hard links to the same file where the file system supports them (one write, one
+    copy on disk), a second written copy otherwise. Names are published in order: ``path`` first.
+    """
+    names = [Path(path), *map(Path, also)]
+    tmp = _tmp_name(names[0])
+    staged: list[Path] = [tmp]
+    try:
+        _write_file(tmp, data)
+        for name in names[1:]:  # stage every extra name before publishing any: a full disk fails here
+            link = _tmp_name(name)
+            link.unlink(missing_ok=True)
+            try:
+                os.link(tmp, link)
+            except OSError:  # no hard links here (FAT, some network file systems): write a copy
+                _write_file(link, data)
+            staged.append(link)
+        for src, dst in zip(staged, names):
+            os.replace(src, dst)
+    except OSError as e:
+        for p in staged:
+            p.unlink(missing_ok=True)
+        raise UserError(f"could not write {names[0]}: {e.strerror or e}; the previous file is intact") from e
+    for parent in {n.parent for n in names}:
+        _fsync_dir(parent)
+
+
 def save_checkpoint(obj: dict, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+# --------------------------------------------------------------------------------------
+# Safe loads
+# --------------------------------------------------------------------------------------
+def load_checkpoint(path: Path, map_location="cpu", safe_globals: tuple | list = ()) -> dict:
+    """Load a checkpoint with ``weights_only=True`` and an explicit allowlist of globals:
+    ``SAFE_GLOBALS`` plus ``safe_globals`` (e.g. ``[argparse.Namespace]`` for an official file).
+
+    A file that references any other global (a class or function: the way a pickle runs code) is
+    refused with ``UnsafeCheckpointError``; an unreadable or truncated one raises ``UserError``.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        inner = str(e.__cause__ or e)  # torch wraps the unpickler's reason in advice to drop weights_only
+        unsafe = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.<>]+)", inner)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it references {unsafe.group(1)}, which would run code when unpickled; "
+                "only checkpoints of tensors, numbers and strings are loaded (re-save a trusted file's state dicts)"
+            ) from None
         msg = " ".join(str(e).split())
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
-            raise UserError(
-                f"refusing to load {path}: it needs arbitrary code to unpickle ({msg[:200]}); "
-                "only tensor/number/string checkpoints are accepted"
-            ) from e
-        raise UserError(f"checkpoint {path} is unreadable or truncated: {type(e).__name__}: {msg[:200]}") from e
+        msg = re.sub(r"^Weights only load failed\..*WeightsUnpickler error: ", "", msg).split(". ")[0]
+        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {msg[:120]})") from e
 
 
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Run directories
+# --------------------------------------------------------------------------------------
 class RunDir:
     """Paths and bookkeeping of one run directory."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.loaded_path: Path | None = None  # the file ``load_latest`` used
 
     @property
     def recipe_path(self) -> Path:
@@ -91,6 +171,10 @@ class RunDir:
     @property
     def last(self) -> Path:
         return self.ckpt_dir / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.ckpt_dir / BEST
 
     @property
     def metrics_path(self) -> Path:
@@ -110,16 +194,48 @@ class RunDir:
             raise UserError(f"{self.root} is not a run directory (no recipe.yaml)")
         return self
 
-    def create(self) -> None:
-        """Make the directories and check they are writable before any work starts."""
+    def create(self, reserve_bytes: int = 0) -> None:
+        """Make the directories and check, before any work starts, that they are writable (a probe
+        write) and that the file system has ``reserve_bytes`` free beyond the checkpoints already there."""
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), Path("/"))
+        if reserve_bytes > 0 and existing.is_dir():
+            needed = reserve_bytes - self.checkpoint_bytes()
+            free = shutil.disk_usage(existing).free
+            if needed > free:
+                raise UserError(
+                    f"not enough disk space for run directory {self.root}: its checkpoints need about "
+                    f"{needed / 2**20:.0f} MiB more, {free / 2**20:.0f} MiB free; free space, use another "
+                    "--run_dir or lower --train.keep_checkpoints"
+                )
         try:
             for d in (self.root, self.ckpt_dir, self.samples_dir):
                 d.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{os.getpid()}"
-            atomic_write_bytes(probe, b"ok")
+            _write_file(probe, b"ok")
             probe.unlink()
         except OSError as e:
             raise UserError(f"run directory {self.root} is not writable: {e.strerror or e}") from e
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of writers that died mid-write (a SIGKILL during a save): never published, safe
+        to drop. A live process's are left alone (e.g. ``sandbox eval`` writing eval.json meanwhile); this
+        process's own can only be left from an earlier failed call."""
+        for d in (self.root, self.ckpt_dir, self.samples_dir):
+            for tmp in d.glob(".*.tmp*"):
+                pid = tmp.name.rsplit(".tmp", 1)[1]
+                if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                    tmp.unlink(missing_ok=True)
+
+    def checkpoint_bytes(self) -> int:
+        """Disk space the checkpoints use now (hard-linked names counted once)."""
+        seen, total = set(), 0
+        for p in self.ckpt_dir.glob("checkpoint-*.pt") if self.ckpt_dir.is_dir() else ():
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+        return total
 
     def read_recipe(self) -> dict:
         try:
@@ -132,39 +248,85 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """Numbered checkpoints, newest first."""
-        found = sorted(self.ckpt_dir.glob("checkpoint-[0-9]*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        return found[::-1]
+        return sorted(self.ckpt_dir.glob("checkpoint-[0-9]*.pt"), key=_step_of, reverse=True)
 
     def load_latest(self, map_location="cpu") -> dict | None:
-        """The newest checkpoint that loads; a truncated or corrupt one is reported and skipped."""
+        """The newest checkpoint that loads (``checkpoint-last.pt``, then the numbered ones, newest
+        first). An unreadable or truncated one is reported on stderr and the previous one is used;
+        one that would need code to unpickle stops everything (``UnsafeCheckpointError``)."""
         candidates = [self.last] if self.last.is_file() else []
         candidates += self.checkpoints()
         errors = []
         for path in candidates:
             try:
                 ckpt = load_checkpoint(path, map_location)
-                if errors:
-                    print(f"warning: skipped unreadable checkpoint(s): {'; '.join(errors)}; using {path.name}")
-                return ckpt
+            except UnsafeCheckpointError:
+                raise
             except UserError as e:
-                if "refusing" in str(e):
-                    raise
-                errors.append(f"{path.name} ({e})")
+                errors.append(str(e).replace(str(path), path.name))
+                continue
+            if errors:
+                _warn(f"skipped {len(errors)} unreadable checkpoint(s) ({'; '.join(errors)}); "
+                      f"using {path.name} (step {ckpt.get('step', '?')})")
+            self.loaded_path = path
+            return ckpt
         if errors:
             raise UserError(f"no readable checkpoint in {self.ckpt_dir}: {'; '.join(errors)}")
         return None
 
-    def save(self, ckpt: dict, step: int, keep: int) -> None:
-        """Write checkpoint-<step>.pt and checkpoint-last.pt; prune numbered ones beyond ``keep``."""
+    def save(self, ckpt: dict, step: int, keep: int, best: bool = False) -> Path:
+        """Write ``checkpoint-last.pt``, ``checkpoint-<step>.pt`` (if ``keep`` > 0) and, if ``best``,
+        ``checkpoint-best.pt``; prune numbered ones beyond ``keep``. Returns the numbered path (or the
+        last one when none are kept). On failure (a full disk) nothing is pruned and the previous
+        checkpoints are intact."""
         buf = io.BytesIO()
         torch.save(ckpt, buf)
-        data = buf.getvalue()
-        if keep > 0:
-            atomic_write_bytes(self.ckpt_dir / f"checkpoint-{step}.pt", data)
-        atomic_write_bytes(self.last, data)
+        numbered = self.ckpt_dir / f"checkpoint-{step}.pt"
+        names = [numbered] if keep > 0 else []
+        names += [self.best] if best else []
+        try:
+            atomic_write_bytes(self.last, buf.getvalue(), also=names)
+        except UserError as e:
+            raise UserError(f"could not save the step-{step} checkpoint in {self.ckpt_dir}: "
+                            f"{e.__cause__.strerror if isinstance(e.__cause__, OSError) else e}; the previous "
+                            "checkpoints are intact: free space and run the same command to resume") from e
         for old in self.checkpoints()[max(keep, 0):]:
             old.unlink(missing_ok=True)
+        return numbered if keep > 0 else self.last
 
+    # -- metrics log ----------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"could not append to {self.metrics_path}: {e.strerror or e}") from e
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop records logged after ``step`` (the killed run's steps that will be redone)
+        and a torn last line, so the log reads as one uninterrupted run."""
+        if not self.metrics_path.is_file():
+            return
+        kept, changed = [], False
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                changed = True
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                changed = True
+                continue
+            kept.append(line)
+        if changed:
+            atomic_write_bytes(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as e:  # EPERM: it exists, owned by someone else
+        return e.errno == errno.EPERM
+    return True

@@ -83,7 +83,10 @@ def generate(
                 cond, unc = z[:B][step.predict], z[B:][step.predict]  # (N, D) each
             else:
                 cond, unc = transformer(inputs, visible, labels)[step.predict], None  # (N, D)
-            new = head.sample(cond, temperature, cfg_at(cfg, cfg_schedule, step.progress), unc, generator)  # (N, C)
+            with model.head_precision(cond):
+                if model.head_fp32:
+                    cond, unc = cond.float(), None if unc is None else unc.float()
+                new = head.sample(cond, temperature, cfg_at(cfg, cfg_schedule, step.progress), unc, generator)  # (N, C)
         tokens[step.predict] = new.to(tokens.dtype)
         known |= step.predict
         if on_step is not None:

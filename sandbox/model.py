@@ -5,6 +5,8 @@ References:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
@@ -15,10 +17,18 @@ from sandbox.mar import MARTransformer
 class MAR(nn.Module):
     """What a checkpoint stores: ``transformer`` (tokens -> conditions) and ``head`` (p(token | condition))."""
 
-    def __init__(self, transformer: MARTransformer, head: Head):
+    def __init__(self, transformer: MARTransformer, head: Head, head_fp32: bool = False):
         super().__init__()
         self.transformer = transformer
         self.head = head
+        self.head_fp32 = head_fp32  # run the head in fp32 inside a bf16/fp16 autocast region (train.head_fp32)
+
+    def head_precision(self, like: Tensor):
+        """The context of every head call: autocast switched off when ``head_fp32`` is set and an
+        autocast region is active (the caller casts the head's inputs with ``.float()``)."""
+        if self.head_fp32 and torch.is_autocast_enabled(like.device.type):
+            return torch.autocast(like.device.type, enabled=False)
+        return nullcontext()
 
     def forward(self, seq: Tensor, split: TrainingSplit, labels: Tensor, generator: torch.Generator | None = None
                 ) -> Tensor:
@@ -36,6 +46,9 @@ class MAR(nn.Module):
         rows = split.weight > 0  # (B, L)
         target, cond, weight = seq[rows], z[rows], split.weight[rows]  # (N, C), (N, D), (N,)
         mul = cfg.head_batch_mul
-        per_row = self.head.loss(target.repeat(mul, 1), cond.repeat(mul, 1), generator)  # (mul*N,)
+        with self.head_precision(cond):
+            if self.head_fp32:
+                target, cond = target.float(), cond.float()
+            per_row = self.head.loss(target.repeat(mul, 1), cond.repeat(mul, 1), generator)  # (mul*N,)
         weight = weight.repeat(mul).to(per_row.dtype)
         return (per_row * weight).sum() / weight.sum()

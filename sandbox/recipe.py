@@ -45,6 +45,22 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     sample_every: int = 0  # steps between sample grids (0: only at the end)
     keep_checkpoints: int = 2  # numbered checkpoints kept besides checkpoint-last.pt
+    best_metric: Optional[Literal["loss"]] = None  # keep checkpoint-best.pt by this metric's mean per checkpoint
+    # interval (the training loss is the one the loop computes every step); None: no best checkpoint
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops: an fp16
+    # overflow or one bad batch skips a few, twenty in a row is divergence; 0: never stop
+    head_fp32: bool = False  # run the head in fp32 under bf16/fp16 autocast: its loss spans a 1000-step noise
+    # schedule whose extreme alpha_bar values bf16's 8-bit mantissa resolves poorly
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "keep_checkpoints", "num_workers", "max_nonfinite_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
 
 
 @dataclass
@@ -154,8 +170,9 @@ def instantiate(cfg: Namespace, key: str):
     except UserError:
         raise
     except (TypeError, ValueError, OSError) as e:
-        name = cfg[key].class_path if isinstance(cfg[key], Namespace) and "class_path" in cfg[key] else key
-        raise UserError(f"cannot build {key} {name}: {one_line(e)}") from e
+        if isinstance(cfg[key], Namespace) and "class_path" in cfg[key]:
+            raise UserError(f"cannot build {key} {cfg[key].class_path}: {one_line(e)}") from e
+        raise UserError(f"invalid {key} settings: {one_line(e)}") from e
 
 
 def build(cfg: Namespace, meta: dict | None = None) -> Experiment:

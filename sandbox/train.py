@@ -30,10 +30,14 @@ from sandbox.errors import UserError
 from sandbox.generate import generate_many
 from sandbox.images import save_grid
 from sandbox.recipe import Experiment, TrainConfig, build, instantiate, parse_recipe, recipe_dict
+from sandbox.reliability import BestMetric, NonFiniteGuard
 
 # recipe keys that may change when a run resumes (they do not change what is being trained)
+# (precision and the fp32 head are here too: switching them is how a run that diverged resumes from its last
+# good checkpoint)
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_workers",
-                  "train.device", "train.keep_checkpoints", "sample"}
+                  "train.device", "train.keep_checkpoints", "train.best_metric", "train.max_nonfinite_steps",
+                  "train.precision", "train.head_fp32", "sample"}
 
 
 # --------------------------------------------------------------------------------------
@@ -131,13 +135,21 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return self.per_epoch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGINT/SIGTERM (a Ctrl-C reaches the whole process group): the main process
+    finishes its step, saves a checkpoint and shuts them down, instead of dying on a lost worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def batches(dataset, tc: TrainConfig, seed: int, start_micro: int, device: torch.device):
     sampler = ResumableBatchSampler(len(dataset), tc.batch_size, seed, start_micro)
     # the loader draws its worker base seed from `generator`, not from the global RNG that dropout uses
     # (otherwise creating it after a resume would shift every later dropout mask)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
                                          pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0,
-                                         generator=torch.Generator().manual_seed(seed + start_micro))
+                                         generator=torch.Generator().manual_seed(seed + start_micro),
+                                         worker_init_fn=_ignore_stop_signals if tc.num_workers > 0 else None)
     for images, labels in loader:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
@@ -212,6 +224,14 @@ class _StopRequested:
             signal.signal(s, h)
 
 
+def checkpoint_reserve(model: nn.Module, tc: TrainConfig) -> int:
+    """Disk bytes a run's checkpoints need at once: weights, EMA and AdamW's two moments (4x the
+    parameters) per copy; copies: the kept ones (checkpoint-last.pt is a link to the newest), the best
+    one and the one being written."""
+    size = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return size * (max(tc.keep_checkpoints, 1) + 1 + (tc.best_metric is not None))
+
+
 def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     """Train (or resume) the recipe ``cfg`` in ``run_dir``. Returns a summary dict."""
     run = RunDir(run_dir)
@@ -225,7 +245,9 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     device = resolve_device(tc.device)
     amp_dtype = autocast_dtype(tc.precision, device)
     exp = build(cfg)
-    run.create()
+    exp.model.head_fp32 = tc.head_fp32
+    ResumableBatchSampler(len(exp.dataset), tc.batch_size, cfg.seed)  # can the data fill a batch? (before any write)
+    run.create(reserve_bytes=checkpoint_reserve(exp.model, tc))
     run.write_recipe(recipe)
 
     model = exp.model.to(device)
@@ -237,7 +259,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     generator = torch.Generator(device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout draws from the global generator; its state is checkpointed too
 
-    step, skipped = 0, 0
+    step, guard, best = 0, NonFiniteGuard(tc.max_nonfinite_steps), BestMetric(tc.best_metric)
     ckpt = run.load_latest(map_location=device)
     if ckpt is not None:
         try:
@@ -248,16 +270,29 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        step, skipped = int(ckpt["step"]), int(ckpt.get("skipped", 0))
+        step = int(ckpt["step"])
+        if "guards" in ckpt:
+            guard.load_state_dict(ckpt["guards"]["nonfinite"])
+            best.load_state_dict(ckpt["guards"]["best"])
         set_rng_state(ckpt["rng"], generator)
-        print(f"resuming {run.root} from step {step}")
+        run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
+        print(f"resuming {run.root} from step {step} ({run.loaded_path.name})")
+    last_good = run.loaded_path  # named when the run stops on non-finite numbers
 
-    def checkpoint() -> None:
-        run.save({
+    def checkpoint(why: str = "interval") -> None:
+        """Save; ``why``: "interval" (skipped during a streak of non-finite steps, so the newest checkpoint
+        stays the last good one), "end", or "signal" (does not close a best-metric interval, so a stopped
+        and resumed run keeps the same best checkpoint as an uninterrupted one)."""
+        nonlocal last_good
+        if why == "interval" and guard.consecutive:
+            return
+        is_best = best.close_interval(step) if why != "signal" else False
+        last_good = run.save({
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "skipped": skipped, "rng": rng_state(generator),
+            "scaler": scaler.state_dict(), "step": step, "skipped": guard.total, "rng": rng_state(generator),
+            "guards": {"nonfinite": guard.state_dict(), "best": best.state_dict()},
             "recipe": recipe, "meta": exp.meta, "version": __version__,
-        }, step, tc.keep_checkpoints)
+        }, step, tc.keep_checkpoints, best=is_best)
 
     def sample_grid(tag: str) -> Path:
         sc = instantiate(cfg, "sample")
@@ -290,21 +325,22 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
                 seen += images.shape[0]
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
-            if math.isfinite(total) and torch.isfinite(grad_norm):
+            if guard.check(step + 1, total, grad_norm):
                 scaler.step(opt)
-                scaler.update()
                 ema_update(ema, model, ema_decay_at(step, tc))
-            else:
-                skipped += 1
-                print(f"warning: non-finite loss or gradient at step {step}; update skipped")
+                best.add({"loss": total})
+            scaler.update()  # fp16: backs the scale off after an overflow; a no-op otherwise
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
+            if guard.diverged():
+                bar.close()
+                raise guard.stop(step, last_good)
 
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.perf_counter()
                 last = {"step": step, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
-                        "img_per_s": seen / max(now - t_last, 1e-9), "skipped": skipped}
+                        "img_per_s": seen / max(now - t_last, 1e-9), "skipped": guard.total}
                 run.append_metrics(last)
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.0f}")
                 t_last, seen = now, 0
@@ -313,10 +349,10 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
             if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
                 sample_grid(f"step_{step:07d}")
         bar.close()
-        checkpoint()
+        checkpoint("end" if stop.signal is None else "signal")
         if stop.signal is not None:
             print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in {run.ckpt_dir}")
-            return {"step": step, "stopped": True, "run_dir": str(run.root)}
+            return {"step": step, "stopped": True, "signal": int(stop.signal), "run_dir": str(run.root)}
     grid = sample_grid(f"step_{step:07d}")
     (run.samples_dir / "final.png").write_bytes(grid.read_bytes())
     return {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "grid": str(grid)}
@@ -330,6 +366,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") ->
         raise UserError(f"{run.root} has no checkpoint yet; train it first")
     cfg = parse_recipe(ckpt["recipe"])
     exp = build(cfg, meta=ckpt["meta"])
+    exp.model.head_fp32 = instantiate(cfg, "train").head_fp32
     state = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"]
     try:
         exp.model.load_state_dict(state)

@@ -30,5 +30,6 @@ def run(cfg: Namespace) -> None:
     from sandbox.train import train
 
     summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
-    if not summary.get("stopped"):
-        print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}")
+    if summary.get("stopped"):  # checkpoint saved; exit as the signal would have (schedulers read "not done")
+        raise SystemExit(128 + summary["signal"])
+    print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}")

@@ -1,0 +1,402 @@
+"""Reliability: crash-safe checkpoints, kill and resume, bad numbers, safe loading, full disks.
+
+Each test breaks a run the way the world does (a SIGKILL, a signal, a NaN, a
+truncated or malicious file, a full disk) and checks the promise: the run
+resumes exactly, stops with one clear line, or refuses, and never loses more
+than the last checkpoint interval. Tiny recipe (tests/conftest.py), in-process
+except the SIGKILL test, which needs a real process to kill.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import errno
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+import sandbox.checkpoint as checkpoint_module
+import sandbox.train as train_module
+from conftest import REPO, TINY_RECIPE
+from sandbox.checkpoint import RunDir, UnsafeCheckpointError, load_checkpoint
+from sandbox.cli import main as cli_main
+from sandbox.errors import UserError
+from sandbox.recipe import recipe_parser
+from sandbox.reliability import TrainingDiverged
+from sandbox.train import train
+
+
+def recipe_file(tmp_path, **train_overrides):
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["train"].update(train_overrides)
+    path = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def parse(tmp_path, **train_overrides):
+    return recipe_parser().parse_args(["--config", str(recipe_file(tmp_path, **train_overrides))])
+
+
+def state_of(run_dir) -> dict:
+    return RunDir(run_dir).load_latest()
+
+
+def assert_same_state(a: dict, b: dict):
+    """Parameters, EMA and optimizer state bitwise equal (the promise of an exact resume)."""
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for i, sa in a["optimizer"]["state"].items():
+        for k in sa:
+            assert torch.equal(sa[k], b["optimizer"]["state"][i][k]), f"optimizer state {i}.{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-step run; interrupted runs must end in exactly its state."""
+    root = tmp_path_factory.mktemp("reference")
+    train(parse(root), root / "run", progress=False)
+    return state_of(root / "run")
+
+
+def call_cli(capsys, *args):
+    code = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err, *fragments):
+    """Exit code 2 and one ``error:`` line, the last thing printed (after any progress bar), no traceback."""
+    assert code == 2, err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Crash-safe checkpoints
+# ----------------------------------------------------------------------------------------
+def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, reference, capsys):
+    run = tmp_path / "run"
+    train(parse(tmp_path), run, progress=False)  # checkpoints at steps 3 and 6; last is a link to checkpoint-6
+    ckpts = RunDir(run).ckpt_dir
+    assert os.path.samefile(ckpts / "checkpoint-last.pt", ckpts / "checkpoint-6.pt")  # one write, two names
+    with open(ckpts / "checkpoint-last.pt", "r+b") as f:  # bit rot / a bad copy: truncates both names
+        f.truncate(f.seek(0, 2) // 2)
+    capsys.readouterr()
+    assert state_of(run)["step"] == 3
+    err = capsys.readouterr().err
+    assert "checkpoint-last.pt" in err and "checkpoint-6.pt" in err and "truncated" in err and "using checkpoint-3.pt" in err
+    train(parse(tmp_path), run, progress=False)  # resumes from step 3 and redoes 4..6
+    assert_same_state(state_of(run), reference)
+
+
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, reference, monkeypatch):
+    """A kill during a save: half the bytes reach the temporary file, then the process is gone (an exception
+    that skips every cleanup, as SIGKILL would). The published names still hold the previous checkpoint."""
+
+    class Killed(BaseException):
+        pass
+
+    real, writes = checkpoint_module._write_file, []
+
+    def dies_on_second_checkpoint(path, data):
+        writes.append(path.name)
+        if sum(".checkpoint-last.pt" in w for w in writes) == 2:
+            path.write_bytes(data[: len(data) // 2])
+            raise Killed
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "_write_file", dies_on_second_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(parse(tmp_path), run, progress=False)
+    ckpts = RunDir(run).ckpt_dir
+    assert [p.name for p in ckpts.glob(".*.tmp*")] == [f".checkpoint-last.pt.tmp{os.getpid()}"]  # the torn write
+    assert state_of(run)["step"] == 3
+    monkeypatch.setattr(checkpoint_module, "_write_file", real)
+    train(parse(tmp_path), run, progress=False)
+    assert not list(ckpts.glob(".*.tmp*"))  # the dead writer's temporary file is cleaned up
+    assert_same_state(state_of(run), reference)
+
+
+def test_keeps_the_last_k_and_the_best_by_metric(tmp_path):
+    run = tmp_path / "run"
+    train(parse(tmp_path, steps=12, ckpt_every=2, keep_checkpoints=2, log_every=1, best_metric="loss"), run,
+          progress=False)
+    ckpts = RunDir(run).ckpt_dir
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*.pt")) == [
+        "checkpoint-10.pt", "checkpoint-12.pt", "checkpoint-best.pt", "checkpoint-last.pt"]
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    means = {s: (losses[s - 1] + losses[s]) / 2 for s in range(2, 13, 2)}  # the loss averaged per interval
+    best = load_checkpoint(ckpts / "checkpoint-best.pt")
+    assert best["step"] == min(means, key=means.get)
+    assert best["guards"]["best"]["best"] == pytest.approx(min(means.values()))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Kill and resume
+# ----------------------------------------------------------------------------------------
+def test_sigkill_at_any_moment_then_resume_continues_exactly(tmp_path):
+    """A real process, SIGKILLed while it trains and writes a checkpoint every other step, resumes from its
+    last checkpoint; N steps later parameters, EMA and optimizer state equal an uninterrupted run's."""
+    killed, log = tmp_path / "killed", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "train", "--config", recipe_file(tmp_path), "--run_dir", killed,
+             "--train.steps", "100000", "--train.ckpt_every", "2", "--train.log_every", "1"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(REPO)})
+        fourth, deadline = killed / "checkpoints" / "checkpoint-4.pt", time.monotonic() + 120
+        while not fourth.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.05)  # somewhere in a later step or in the middle of a checkpoint write
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    logged = max(json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+                 if line.endswith("}"))
+    resumed_from = state_of(killed)["step"]
+    assert 4 <= resumed_from <= logged
+
+    target = resumed_from + 4  # N = 4 further steps
+    train(parse(tmp_path, steps=target, log_every=1), killed, progress=False)
+    train(parse(tmp_path, steps=target, log_every=1), tmp_path / "uninterrupted", progress=False)
+    assert_same_state(state_of(killed), state_of(tmp_path / "uninterrupted"))
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, target + 1))  # the log reads as one run: no torn line, no step twice
+    assert not list((killed / "checkpoints").glob(".*.tmp*"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_a_checkpoint_then_resume_exactly(tmp_path, reference, monkeypatch, capsys, signum):
+    """The signal arrives in the middle of step 2 (delivered to this process, handled by the trainer's real
+    handler): the step finishes, a checkpoint is written, the command exits with 128 + signal."""
+    real, calls = train_module.training_loss, []
+
+    def signalled_during_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", signalled_during_step_two)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["train", "--config", str(recipe_file(tmp_path)), "--run_dir", str(run)])
+    assert stopped.value.code == 128 + signum
+    assert f"stopped by signal {int(signum)} at step 2" in capsys.readouterr().out
+    assert state_of(run)["step"] == 2 and len(calls) == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handlers are gone again
+    monkeypatch.setattr(train_module, "training_loss", real)
+    train(parse(tmp_path), run, progress=False)
+    assert_same_state(state_of(run), reference)
+
+
+def test_loader_workers_ignore_stop_signals():
+    """Ctrl-C reaches every process of the group; workers must leave the stop to the main process."""
+    ds = torch.utils.data.TensorDataset(torch.zeros(4, 1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
+                                         worker_init_fn=train_module._ignore_stop_signals,
+                                         collate_fn=lambda _: (signal.getsignal(signal.SIGINT),
+                                                               signal.getsignal(signal.SIGTERM)))
+    assert next(iter(loader)) == (signal.SIG_IGN, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Bad numbers
+# ----------------------------------------------------------------------------------------
+def inject(monkeypatch, bad: dict):
+    """Make update k (1-based) non-finite: bad[k] = "loss" (a NaN loss) or "grad" (a finite loss whose
+    gradient is NaN, through a hook on one parameter)."""
+    real, calls = train_module.training_loss, []
+
+    def poisoned(exp, model, images, labels, generator):
+        calls.append(1)
+        loss = real(exp, model, images, labels, generator)
+        kind = bad.get(len(calls))
+        if kind == "loss":
+            return loss * float("nan")
+        if kind == "grad":
+            p = next(model.parameters())
+            handle = p.register_hook(lambda g: (handle.remove(), g * float("nan"))[1])
+        return loss
+
+    monkeypatch.setattr(train_module, "training_loss", poisoned)
+
+
+def test_nonfinite_loss_or_gradient_skips_the_update(tmp_path, monkeypatch, capsys):
+    inject(monkeypatch, {2: "loss", 4: "grad"})
+    run = tmp_path / "run"
+    assert train(parse(tmp_path, log_every=1), run, progress=False)["step"] == 6
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 2" in err and "non-finite gradient at step 4" in err
+    final = state_of(run)
+    assert all(s["step"] == 4 for s in final["optimizer"]["state"].values())  # 6 steps, 4 updates
+    assert all(torch.isfinite(t).all() for t in [*final["model"].values(), *final["ema"].values()])
+    skipped = [json.loads(line)["skipped"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert skipped == [0, 1, 1, 2, 2, 2] and final["skipped"] == 2
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    inject(monkeypatch, {k: "loss" for k in range(5, 100)})
+    run = tmp_path / "run"
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path, steps=20, max_nonfinite_steps=3),
+                            "--run_dir", run)
+    line = one_error_line(code, err, "stopped at step 7", "3 consecutive steps (5-7)", "checkpoint-3.pt")
+    assert str(run) in line
+    assert state_of(run)["step"] == 3  # the bad streak did not overwrite the last good checkpoint (due at step 6)
+    with pytest.raises(TrainingDiverged):  # the run diverges again the same way unless something changes
+        train(parse(tmp_path, steps=20, max_nonfinite_steps=3), run, progress=False)
+
+
+def test_fp32_head_under_bf16_autocast(tmp_path, monkeypatch):
+    """train.head_fp32: the head's loss (training) and sampling (the final grid) run in fp32 with autocast
+    off, inside the bf16 autocast region of the rest of the model."""
+    from plugins.heads.diffusion import DiffusionHead
+
+    seen, real_loss, real_sample = [], DiffusionHead.loss, DiffusionHead.sample
+
+    def loss(self, target, cond, *args, **kwargs):
+        seen.append(("loss", cond.dtype, torch.is_autocast_enabled("cpu")))
+        return real_loss(self, target, cond, *args, **kwargs)
+
+    def sample(self, cond, *args, **kwargs):
+        seen.append(("sample", cond.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sample(self, cond, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionHead, "loss", loss)
+    monkeypatch.setattr(DiffusionHead, "sample", sample)
+    train(parse(tmp_path, steps=1, precision="bf16", head_fp32=True), tmp_path / "fp32", progress=False)
+    assert {m for m, _, _ in seen} == {"loss", "sample"}
+    assert all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen), seen
+    seen.clear()
+    train(parse(tmp_path, steps=1, precision="bf16"), tmp_path / "bf16", progress=False)
+    assert seen and all(autocast for _, _, autocast in seen), seen  # without the option the head autocasts too
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Safe loading
+# ----------------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this runs code: it creates the marker file. A safe loader must never do so."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_a_checkpoint_that_needs_code_to_unpickle_is_refused(tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    evil = {"model": Payload(marker), "step": 1}
+    torch.save(evil, tmp_path / "zip.pt")
+    torch.save(evil, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps(evil, protocol=2))
+    pickle.loads(pickle.dumps(Payload(tmp_path / "SELFTEST")))  # the payload works when unpickled unsafely
+    assert (tmp_path / "SELFTEST").exists()
+
+    for name in ("zip.pt", "legacy.pt"):
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load .* references exec"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(UserError):
+        load_checkpoint(tmp_path / "raw.pkl")
+    assert not marker.exists()
+
+    # planted in a run directory: every command refuses it, none falls back past it silently
+    run = tmp_path / "run"
+    train(parse(tmp_path, steps=3), run, progress=False)
+    (run / "checkpoints" / "checkpoint-last.pt").write_bytes((tmp_path / "zip.pt").read_bytes())
+    code, _, err = call_cli(capsys, "sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.png")
+    one_error_line(code, err, "refusing to load", "checkpoint-last.pt")
+    code, _, err = call_cli(capsys, "train", "--config", run / "recipe.yaml", "--run_dir", run)
+    one_error_line(code, err, "refusing to load")
+    assert not marker.exists() and not (tmp_path / "s.png").exists()
+
+
+def test_the_allowlist_is_explicit(tmp_path):
+    """Beyond tensors and plain containers, only globals the caller names load (e.g. an official MAR
+    checkpoint's argparse.Namespace)."""
+    torch.save({"args": argparse.Namespace(model="mar_base")}, tmp_path / "official.pth")
+    with pytest.raises(UnsafeCheckpointError, match="argparse.Namespace"):
+        load_checkpoint(tmp_path / "official.pth")
+    assert load_checkpoint(tmp_path / "official.pth", safe_globals=[argparse.Namespace])["args"].model == "mar_base"
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    offenders = []
+    for path in [*(REPO / "sandbox").rglob("*.py"), *(REPO / "plugins").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Disk full / unwritable run directory
+# ----------------------------------------------------------------------------------------
+def test_unwritable_run_directory_is_detected_before_training(tmp_path, capsys, monkeypatch):
+    """The tests run as root, for whom chmod does not stop writes; an impossible path (under a regular
+    file) makes the directory really unwritable, and a patched disk_usage stands in for a full disk."""
+    (tmp_path / "file").write_text("not a directory")
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", tmp_path / "file" / "run")
+    one_error_line(code, err, "is not writable", "Not a directory")
+
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", tmp_path / "run")
+    one_error_line(code, err, "not enough disk space", "MiB free")
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch, capsys):
+    """The disk fills up during the second checkpoint: half the bytes are written, then ENOSPC (patched
+    into the one function that writes files). The error surfaces as one line, the temporary file is gone,
+    the step-3 checkpoint is byte-identical and loads, and the run resumes exactly."""
+    real, writes = checkpoint_module._write_file, []
+
+    def disk_fills(path, data):
+        writes.append(path.name)
+        if sum(".checkpoint-last.pt" in w for w in writes) == 2:
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    run = tmp_path / "run"
+    before = {}
+    real_save = RunDir.save
+
+    def remember(self, ckpt, step, keep, best=False):
+        if self.last.exists():
+            before.update(last=self.last.read_bytes())
+        return real_save(self, ckpt, step, keep, best)
+
+    monkeypatch.setattr(checkpoint_module, "_write_file", disk_fills)
+    monkeypatch.setattr(RunDir, "save", remember)
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", run)
+    one_error_line(code, err, "could not save the step-6 checkpoint", "No space left on device",
+                   "previous checkpoints are intact")
+    ckpts = RunDir(run).ckpt_dir
+    assert (ckpts / "checkpoint-last.pt").read_bytes() == before["last"]
+    assert not list(ckpts.glob(".*.tmp*")) and not (ckpts / "checkpoint-6.pt").exists()
+    assert state_of(run)["step"] == 3
+    monkeypatch.undo()
+    train(parse(tmp_path), run, progress=False)
+    assert_same_state(state_of(run), reference)
