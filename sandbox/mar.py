@@ -42,6 +42,16 @@ class MARConfig:
     head_batch_mul: int = 4  # official diffusion_batch_mul: each loss token is seen by the head 4x per step
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
 
+    def __post_init__(self):  # checked when the recipe is built, before a run directory is written
+        for part in ("encoder", "decoder"):
+            dim, heads = getattr(self, f"{part}_dim"), getattr(self, f"{part}_heads")
+            if heads < 1 or dim < 1 or dim % heads:
+                raise ValueError(f"model.{part}_dim ({dim}) must be a positive multiple of model.{part}_heads ({heads})")
+        if not 0.0 <= self.label_drop_prob <= 1.0:
+            raise ValueError(f"model.label_drop_prob must be in [0, 1], got {self.label_drop_prob}")
+        if self.head_batch_mul < 1 or self.buffer_size < 0:
+            raise ValueError("model.head_batch_mul must be >= 1 and model.buffer_size >= 0")
+
 
 class MARTransformer(nn.Module):
     """Bidirectional encoder-decoder that turns partially visible token sequences into per-position conditions."""

@@ -170,3 +170,35 @@ def test_different_recipe_in_run_dir(cli, trained):
     proc = cli("train", "--config", recipe, "--run_dir", run, "--model.encoder_dim", "64")
     expect_user_error(proc, "different recipe", "encoder_dim")
     assert (run / "checkpoints" / "checkpoint-last.pt").read_bytes() == before
+
+
+# every recipe field is checked before anything is written: wrong types, unknown keys (on the command line or
+# in a YAML file layered on the recipe), values out of range, settings that cannot work together
+BAD_SETTINGS = {
+    "wrong type": (["--train.steps", "abc"], "train.steps"),
+    "wrong type in a plugin": (["--data.image_size", "big"], "image_size"),
+    "not one of the choices": (["--train.precision", "fp8"], "train.precision"),
+    "unknown best metric": (["--train.best_metric", "fid"], "train.best_metric"),
+    "zero interval": (["--train.ckpt_every", "0"], "ckpt_every must be >= 1"),
+    "heads do not divide the width": (["--model.encoder_heads", "3"], "multiple of model.encoder_heads"),
+    "batch larger than the data": (["--train.batch_size", "5000"], "fewer than one global batch"),
+    "unknown top-level key in a file": ({"trian": {"steps": 3}}, "trian"),
+    "unknown nested key in a file": ({"train": {"stpes": 3}}, "stpes"),
+    "wrong type in a file": ({"train": {"lr": "fast"}}, "train.lr"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_SETTINGS.values()), ids=list(BAD_SETTINGS))
+def test_bad_settings_are_one_line_and_write_nothing(cli, tiny_recipe, tmp_path, bad):
+    args, fragment = bad
+    if isinstance(args, dict):
+        (tmp_path / "override.yaml").write_text(yaml.safe_dump(args))
+        args = ["--config", tmp_path / "override.yaml"]
+    expect_user_error(cli("train", "--config", tiny_recipe, *args, "--run_dir", tmp_path / "r"), fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_plugin_file(cli, tiny_recipe, tmp_path):
+    proc = cli("--plugin", tmp_path / "my_head.py", "train", "--config", tiny_recipe, "--run_dir", tmp_path / "r")
+    expect_user_error(proc, "plugin file not found", "my_head.py")
+    assert not (tmp_path / "r").exists()
