@@ -116,19 +116,26 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Safe loads
 # --------------------------------------------------------------------------------------
-def load_checkpoint(path: Path, map_location="cpu", safe_globals: tuple | list = ()) -> dict:
+def load_checkpoint(path: Path, map_location="cpu", safe_globals: tuple | list = (), mmap: bool = False):
     """Load a checkpoint with ``weights_only=True`` and an explicit allowlist of globals:
-    ``SAFE_GLOBALS`` plus ``safe_globals`` (e.g. ``[argparse.Namespace]`` for an official file).
+    ``SAFE_GLOBALS`` plus ``safe_globals`` (e.g. ``[argparse.Namespace]`` for an official file). Every
+    checkpoint the project reads comes through here (tests/test_reliability.py checks the source).
 
     A file that references any other global (a class or function: the way a pickle runs code) is
     refused with ``UnsafeCheckpointError``; an unreadable or truncated one raises ``UserError``.
+    ``mmap``: map a (zip-format) file instead of reading it, for multi-GB files whose parts are needed.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as e:  # a pre-1.6 (non-zip) file cannot be memory-mapped: read it whole
+                if not (mmap and "mmap can only be used" in str(e)):
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         inner = str(e.__cause__ or e)  # torch wraps the unpickler's reason in advice to drop weights_only
         unsafe = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.<>]+)", inner)

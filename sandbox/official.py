@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sandbox.checkpoint import load_checkpoint
 from sandbox.errors import UserError
 from sandbox.mar import MARConfig, MARTransformer
 from sandbox.model import MAR
@@ -117,20 +118,7 @@ def load_official_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"official checkpoint not found: {path}; download checkpoint-last.pth of MAR-B/L/H "
                         "(links in the official README, github.com/LTH14/mar) and give its path")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # a pre-1.6 (non-zip) file cannot be memory-mapped: read it whole
-                if "zipfile" not in str(e):
-                    raise
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = " ".join(str(e).split())[:240]
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
-            raise UserError(f"refusing to load {path}: it needs more than tensors and argparse.Namespace to "
-                            f"unpickle ({msg})") from e
-        raise UserError(f"cannot read {path} as a checkpoint: {type(e).__name__}: {msg}") from e
+    ckpt = load_checkpoint(path, safe_globals=[argparse.Namespace], mmap=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("args"), argparse.Namespace):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not an official MAR checkpoint (expected model, model_ema and args; found {keys})")

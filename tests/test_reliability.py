@@ -338,16 +338,18 @@ def test_the_allowlist_is_explicit(tmp_path):
     assert load_checkpoint(tmp_path / "official.pth", safe_globals=[argparse.Namespace])["args"].model == "mar_base"
 
 
-def test_every_torch_load_in_the_code_is_weights_only():
+def test_every_checkpoint_load_goes_through_the_safe_loader():
+    """The source itself: torch.load appears only in sandbox/checkpoint.py, and there with weights_only=True."""
     offenders = []
     for path in [*(REPO / "sandbox").rglob("*.py"), *(REPO / "plugins").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 kw = {k.arg: k.value for k in node.keywords}
-                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if path != REPO / "sandbox" / "checkpoint.py" or not safe:
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
-    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+    assert not offenders, f"torch.load outside sandbox.checkpoint.load_checkpoint: {offenders}"
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plugins.datasets.digits import load_digits_tensor
+from sandbox.checkpoint import load_checkpoint
 
 SEED = 0  # fixes the split, the initialisation and the data order: one classifier per image size
 HOLDOUT = 0.2  # fraction of real digits kept out of training to report the classifier's own accuracy
@@ -116,7 +117,7 @@ class DigitsScorer:
         state = None
         if path.is_file():
             try:
-                state = torch.load(path, weights_only=True)
+                state = load_checkpoint(path)
             except Exception:  # a corrupt cache is rebuilt, never trusted
                 state = None
         self.net = DigitsNet()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from plugins.tokenizers.autoencoder_kl import AutoencoderKLTokenizer
+from sandbox.checkpoint import load_checkpoint
 from sandbox.errors import UserError
 
 if TYPE_CHECKING:
@@ -125,11 +126,7 @@ def load_kl16_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"KL-16 weights not found: {path}. Download kl16.ckpt from the official MAR release "
             f"(github.com/LTH14/mar, util/download.py) and put it at {path}, or set --tokenizer.checkpoint PATH"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read KL-16 weights {path} as a tensors-only checkpoint: "
-                        f"{' '.join(str(e).split())[:200]}") from e
+    ckpt = load_checkpoint(path)
     state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{path} is not a KL-16 checkpoint (expected a dict with key 'model' holding tensors)")
