@@ -402,3 +402,82 @@ def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, reference, mo
     monkeypatch.undo()
     train(parse(tmp_path), run, progress=False)
     assert_same_state(state_of(run), reference)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Bad data
+# ----------------------------------------------------------------------------------------
+def broken_image_folder(root):
+    """Two classes of good 12 x 10 RGB PNGs, and every kind of bad file a scraped folder holds."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(torch.randint(0, 256, (10, 12, 3), generator=g, dtype=torch.uint8).numpy()).save(
+                root / c / f"good{i}.png")
+    good = (root / "cat" / "good0.png").read_bytes()
+    converted = {
+        "grey.png": Image.new("L", (12, 12), 200),
+        "rgba.png": Image.new("RGBA", (12, 12), (10, 20, 30, 0)),
+        "palette.png": Image.new("P", (12, 12), 3),
+        "cmyk.jpg": Image.new("CMYK", (12, 12), (0, 255, 255, 0)),
+        "grey16.png": Image.fromarray(torch.full((12, 12), 32896, dtype=torch.int32).numpy().astype("uint16")),
+    }
+    for name, image in converted.items():
+        image.save(root / "dog" / name)
+    skipped = {
+        "corrupt.jpg": b"\xff\xd8\xff\xe0 not a jpeg",
+        "truncated.png": good[: len(good) // 2],
+        "empty.png": b"",
+    }
+    for name, data in skipped.items():
+        (root / "cat" / name).write_bytes(data)
+    Image.new("RGB", (4, 4)).save(root / "cat" / "tiny.png")
+    Image.new("RGB", (400, 9)).save(root / "cat" / "strip.png")
+    Image.new("F", (12, 12)).save(root / "cat" / "float.tiff")
+    return set(converted), {*skipped, "tiny.png", "strip.png", "float.tiff"}
+
+
+def test_broken_images_are_converted_or_skipped_and_counted_never_crash(tmp_path, capsys):
+    from plugins.datasets.imagefolder import ImageFolderDataset
+
+    converted, skipped = broken_image_folder(tmp_path / "images")
+    ds = ImageFolderDataset(str(tmp_path / "images"), image_size=8)
+    items = [ds.load(i) for i in range(len(ds))]
+    names = [p.rsplit("/", 1)[1] for p in ds.paths.tolist()]
+    assert {n for n, item in zip(names, items) if item is None} == skipped
+    assert {os.path.basename(p) for p in ds.unreadable} == skipped  # counted, with a reason each
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert sorted(line.split()[4].rsplit("/", 1)[1] for line in warnings) == sorted(skipped)  # reported once each
+    assert "too small: 4 x 4 px" in err and "too elongated: 400 x 9 px" in err
+    loaded = dict(zip(names, items))
+    for name in converted:
+        image, label = loaded[name]
+        assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and label == 1, name
+    grey16 = loaded["grey16.png"][0]  # 32896 / 65535 is mid-grey (128), not the white that clipping gives
+    assert torch.allclose(grey16, torch.full_like(grey16, 128 / 127.5 - 1), atol=1e-6)
+
+    # and a run trains through them: skipped files are replaced by readable ones
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["data"] = {"class_path": "ImageFolderDataset", "init_args": {"root": str(tmp_path / "images"),
+                                                                        "image_size": 8}}
+    recipe["train"].update(steps=3, batch_size=len(ds) // 2)
+    (tmp_path / "folder.yaml").write_text(yaml.safe_dump(recipe))
+    summary = train(recipe_parser().parse_args(["--config", str(tmp_path / "folder.yaml")]), tmp_path / "run",
+                    progress=False)
+    assert summary["step"] == 3
+
+
+def test_empty_class_folder_or_dataset_is_an_error_before_training(tmp_path, capsys):
+    broken_image_folder(tmp_path / "images")
+    (tmp_path / "images" / "zebra").mkdir()
+    (tmp_path / "images" / "zebra" / "README.txt").write_text("no images here")
+    (tmp_path / "nothing" / "cat").mkdir(parents=True)
+    for root, fragment in ((tmp_path / "images", "hold no images: zebra"), (tmp_path / "nothing", "no images in")):
+        code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--data", "ImageFolderDataset",
+                                "--data.root", root, "--data.image_size", "8", "--run_dir", tmp_path / "run")
+        one_error_line(code, err, fragment)
+        assert not (tmp_path / "run").exists()

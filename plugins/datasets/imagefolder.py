@@ -5,9 +5,13 @@ Classes are the sorted sub-folder names and files are listed as torchvision's
 the official code's. Each image is resized and center-cropped to
 ``image_size`` as ADM does (box-halve while the short side is >= 2x the size,
 then bicubic, then crop); the flip happens batch-wise in ``augment`` with the
-trainer's generator. A file that cannot be read is skipped, counted and
+trainer's generator. Every colour mode becomes 8-bit RGB (16-bit greyscale
+is rescaled, not clipped). A file that cannot be read (corrupt, truncated, not
+an image), or that is too small or an extreme strip, is skipped, counted and
 reported once: training takes the next readable image in its place, and
-``load`` returns None for it so ``sandbox cache`` leaves it out.
+``load`` returns None for it so ``sandbox cache`` leaves it out. A class
+folder without images, or a folder without any, is an error at construction,
+before a run starts.
 
 References:
     Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", 2021 (ADM center crop,
@@ -42,6 +46,22 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     arr = np.array(image)  # a writable copy
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB.
+
+    ``convert("RGB")`` is right for the 8-bit modes (greyscale "L"/"1", palette "P", "CMYK", "RGBA"/"LA":
+    alpha is dropped, as torchvision's loader -- and so the official MAR -- does) and 16-bit RGB PNGs open as
+    8-bit "RGB" already; but it clips 16/32-bit greyscale ("I;16", "I") to 0..255, which turns a 16-bit scan
+    white. Those are rescaled from 0..65535 first. Float images ("F") have no defined range: an error (skipped).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image).astype(np.float32) / 257.0  # (H, W) 0..65535 -> 0..255
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("32-bit float image: no defined value range")
+    return image.convert("RGB")
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
@@ -84,6 +104,10 @@ class ImageFolderDataset(Dataset):
         root: str,  # e.g. the ImageNet train split: one sub-folder per class (n01440764/, ...)
         image_size: int = 256,  # MAR's ImageNet resolution (256 px -> 16 x 16 KL-16 tokens)
         random_flip: bool = True,  # the official augmentation: horizontal flip with probability 1/2
+        min_size: int = 8,  # images with a shorter side below this are skipped and counted: upsampled to
+        # image_size they are blur, and a 1-pixel strip would become a huge image in the resize
+        max_aspect_ratio: float = 20.0,  # longer / shorter side beyond this is skipped and counted: the center
+        # crop would keep under 5% of the image, and the resize of an extreme strip can exhaust memory
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -92,16 +116,21 @@ class ImageFolderDataset(Dataset):
         if image_size < 1:
             raise UserError(f"image_size must be positive, got {image_size}")
         self.image_size, self.random_flip = int(image_size), random_flip
+        self.min_size, self.max_aspect_ratio = int(min_size), float(max_aspect_ratio)
         classes, paths, labels = list_image_folder(self.root)
         if not paths:
             raise UserError(f"no images in {self.root}: expected <root>/<class>/<image> with extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)}")
+        empty = sorted(set(classes) - {classes[i] for i in set(labels)})
+        if empty:  # a class without images would still take a label (and a class embedding): a layout mistake
+            raise UserError(f"{len(empty)} class folder(s) in {self.root} hold no images: "
+                            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}; add images or remove them")
         self.classes = classes
         self.num_classes = len(classes)
         # numpy arrays, not lists of str: loader workers read them without copy-on-write growth
         self.paths = np.array(paths)
         self.labels = np.array(labels, dtype=np.int64)
-        self.unreadable: dict[str, str] = {}  # path -> reason, in this process
+        self.unreadable: dict[str, str] = {}  # path -> why it was skipped (unreadable or unusable), in this process
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -110,7 +139,15 @@ class ImageFolderDataset(Dataset):
         path = str(self.paths[index])
         try:
             with Image.open(path) as image:
-                arr = center_crop(image.convert("RGB"), self.image_size)  # (S, S, 3) uint8
+                w, h = image.size  # from the header: a bad size is caught before anything is decoded
+                if min(w, h) < self.min_size:
+                    self._report(path, f"too small: {w} x {h} px, shorter side under min_size {self.min_size}", "unusable")
+                    return None
+                if max(w, h) > self.max_aspect_ratio * min(w, h):
+                    self._report(path, f"too elongated: {w} x {h} px, aspect ratio over max_aspect_ratio "
+                                       f"{self.max_aspect_ratio:g}", "unusable")
+                    return None
+                arr = center_crop(to_rgb(image), self.image_size)  # (S, S, 3) uint8
         except MemoryError:
             raise
         except Exception as e:  # any undecodable file (truncated, not an image, bad header) is skipped
@@ -127,10 +164,10 @@ class ImageFolderDataset(Dataset):
                 return item
         raise UserError(f"none of the {n} images in {self.root} can be read")
 
-    def _report(self, path: str, reason: str) -> None:
+    def _report(self, path: str, reason: str, what: str = "unreadable") -> None:
         if path not in self.unreadable:
             self.unreadable[path] = reason
-            print(f"warning: skipping unreadable image {path} ({reason}); "
+            print(f"warning: skipping {what} image {path} ({reason}); "
                   f"{len(self.unreadable)} skipped so far", file=sys.stderr)
 
     def augment(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
