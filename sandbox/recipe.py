@@ -102,7 +102,9 @@ SLOT_HELP = {
 def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
     parser.add_argument("--seed", type=int, default=0, help="Fixes initialisation, data order and all sampling.")
-    parser.add_argument("--plugins", type=list[str], default=[], help="Extra plugin files this recipe needs.")
+    parser.add_argument("--plugins", type=list[str], default=[],
+                        help="Plugin files (.py) the recipe needs, relative to the recipe file; the CLI loads them "
+                             "before parsing and stores them as absolute paths (see docs/writing-plugins.md).")
     for key, typ in SLOT_TYPES.items():
         if key in ("model", "train", "sample"):
             parser.add_argument(f"--{key}", type=typ, default=typ(), help=SLOT_HELP[key])
@@ -125,8 +127,14 @@ def recipe_dict(cfg: Namespace) -> dict:
     return {k: d[k] for k in RECIPE_KEYS if k in d}
 
 
-def parse_recipe(recipe: dict) -> Namespace:
-    """Re-parse a stored recipe dict (e.g. from a checkpoint) into a checked namespace."""
+def parse_recipe(recipe: dict, origin: str = "the stored recipe") -> Namespace:
+    """Re-parse a stored recipe dict (e.g. from a checkpoint) into a checked namespace; first loads the
+    plugin files it lists (absolute paths), so their class paths resolve in a fresh process."""
+    from sandbox import registry
+
+    registry.discover()
+    registry.load_listed(recipe.get("plugins") or [], origin=f"listed under plugins: in {origin}")
+    registry.discover()  # a name clash is an error naming both sources
     parser = recipe_parser()
     try:
         return parser.parse_object(recipe)

@@ -34,10 +34,10 @@ from sandbox.reliability import BestMetric, NonFiniteGuard
 
 # recipe keys that may change when a run resumes (they do not change what is being trained)
 # (precision and the fp32 head are here too: switching them is how a run that diverged resumes from its last
-# good checkpoint)
+# good checkpoint; `plugins` only says where the plugin files are, class paths and init_args say what is trained)
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_workers",
                   "train.device", "train.keep_checkpoints", "train.best_metric", "train.max_nonfinite_steps",
-                  "train.precision", "train.head_fp32", "sample"}
+                  "train.precision", "train.head_fp32", "sample", "plugins"}
 
 
 # --------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") ->
     ckpt = run.load_latest()
     if ckpt is None:
         raise UserError(f"{run.root} has no checkpoint yet; train it first")
-    cfg = parse_recipe(ckpt["recipe"])
+    cfg = parse_recipe(ckpt["recipe"], origin=f"the recipe of {run.root}")
     exp = build(cfg, meta=ckpt["meta"])
     exp.model.head_fp32 = instantiate(cfg, "train").head_fp32
     state = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"]
