@@ -1,188 +1,405 @@
 """The contract kit: one check per plugin kind, for plugin authors' tests and the project's own.
 
     from sandbox.testing import check_head
-    def test_my_head():
-        check_head(MyHead, width=32)
 
-Each check builds the plugin small, exercises its contract (shapes, dtypes,
-invariants from ``sandbox.kinds``) and raises ``AssertionError`` naming the
-broken promise. Plugins may declare ``contract_args`` (small init_args) so
-the project's suite can check them with no further setup.
+    def test_my_head_contract():
+        check_head(MyHead)                    # built small from MyHead.contract_args
+        check_head(MyHead, num_components=1)  # or from the init_args given here
+
+``check_tokenizer``, ``check_ordering``, ``check_head`` and ``check_dataset``
+take the plugin class (tokenizers and datasets also an instance);
+``check_plugin`` picks the check from the class's kind. Each builds the
+plugin small, exercises the promises of its kind (``sandbox.kinds``: shapes,
+dtypes, value ranges, randomness only from the ``generator`` argument) and
+raises ``ContractError`` -- an ``AssertionError``, so pytest reports a
+failure -- naming the plugin, the call, what was expected and what came back:
+
+    MyHead breaks the head contract: sample(cond (10, 16)) has shape (10, 3); expected (N, C) = (10, 6)
+
+Plugins declare ``contract_args`` (small init_args, or a classmethod returning
+them when they need files) so the project's own suite
+(``tests/test_contracts.py``) checks every registered plugin with no setup.
 """
 from __future__ import annotations
 
+import numbers
+from contextlib import contextmanager
+
 import torch
+from torch import Tensor
 
 from sandbox.kinds import Dataset, Head, Ordering, SampleStep, Tokenizer, TrainingSplit
 
+__all__ = ["ContractError", "check_tokenizer", "check_ordering", "check_head", "check_dataset", "check_plugin",
+           "contract_args"]
 
-def _fail(plugin, msg: str) -> AssertionError:
-    return AssertionError(f"{getattr(plugin, '__name__', type(plugin).__name__)}: {msg}")
+
+class ContractError(AssertionError):
+    """A plugin breaks its kind's contract; the message names the call and the broken promise."""
+
+
+# --------------------------------------------------------------------------------------
+# Helpers: one place that words the failures
+# --------------------------------------------------------------------------------------
+def _name(plugin) -> str:
+    return plugin.__name__ if isinstance(plugin, type) else getattr(plugin, "__name__", type(plugin).__name__)
+
+
+def _fail(plugin, msg: str, kind: str = "plugin") -> ContractError:
+    return ContractError(f"{_name(plugin)} breaks the {kind} contract: {msg}")
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+class _Check:
+    """Failure wording for one plugin: ``<Plugin> breaks the <kind> contract: <call> <problem>``."""
+
+    def __init__(self, plugin, kind: str):
+        self.plugin, self.kind = plugin, kind
+
+    def fail(self, msg: str) -> ContractError:
+        return _fail(self.plugin, msg, self.kind)
+
+    def expect(self, ok, msg: str) -> None:
+        if not ok:
+            raise self.fail(msg)
+
+    def call(self, what: str, fn, *args, **kwargs):
+        """Run one contract method; an exception becomes a failure that names the call."""
+        try:
+            return fn(*args, **kwargs)
+        except ContractError:
+            raise
+        except Exception as e:
+            raise self.fail(f"{what} raised {type(e).__name__}: {e}") from e
+
+    def tensor(self, what: str, x, shape: tuple, letters: str, dtype: str = "float", finite: bool = True) -> None:
+        """``x`` is a tensor of ``shape`` (named ``letters``, e.g. "(B, L, C)") and dtype kind float/bool/long."""
+        self.expect(isinstance(x, Tensor), f"{what} returned {type(x).__name__}; expected a tensor {letters}")
+        self.expect(tuple(x.shape) == tuple(shape), f"{what} has shape {_shape(x)}; expected {letters} = {tuple(shape)}")
+        ok = {"float": x.is_floating_point(), "bool": x.dtype == torch.bool,
+              "long": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool}[dtype]
+        self.expect(ok, f"{what} has dtype {x.dtype}; expected a {dtype} tensor")
+        if finite and x.is_floating_point():
+            bad = int((~torch.isfinite(x)).sum())
+            self.expect(bad == 0, f"{what} holds {bad} non-finite value(s) (nan/inf)")
+
+    @contextmanager
+    def own_randomness(self, what: str):
+        """The block must not draw from torch's global RNG: randomness comes from the ``generator`` argument,
+        so a seed fixes a run whatever else draws random numbers."""
+        state = torch.random.get_rng_state()
+        yield
+        self.expect(torch.equal(state, torch.random.get_rng_state()),
+                    f"{what} drew from torch's global random generator; take random numbers from the "
+                    "`generator` argument (torch.randn(..., generator=generator))")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def contract_args(cls) -> dict:
     """A plugin's small init_args for the contract tests: its ``contract_args`` dict, or what its
     ``contract_args()`` classmethod returns (for plugins that need files, e.g. a folder it writes)."""
-    args = cls.contract_args
+    args = getattr(cls, "contract_args", None) or {}
     return dict(args() if callable(args) else args)
 
 
-def check_tokenizer(tokenizer: Tokenizer, image_size: int | None = None, batch: int = 2) -> None:
-    """encode -> (B,c,H/s,W/s); to_tokens/from_tokens invert each other; decode returns (B,3,H,W);
-    moments -> (B,P,H/s,W/s) and latent_from_moments(moments(x)) == encode(x) for the same generator."""
-    assert isinstance(tokenizer, Tokenizer), _fail(tokenizer, "is not a Tokenizer")
-    s = image_size or tokenizer.token_stride * 4
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 3, s, s, generator=g) * 2 - 1
+def _build(plugin, base: type, kind: str, init_args: dict, *injected):
+    """An instance of a plugin: given as one, or built from its class (or any factory) with ``init_args``
+    (default: its ``contract_args``) after the arguments the core injects."""
+    if isinstance(plugin, base):
+        return plugin
+    if not callable(plugin):
+        raise _fail(plugin, f"it is a {type(plugin).__name__}, not a subclass of sandbox.kinds.{base.__name__}", kind)
+    args = dict(init_args) if init_args else contract_args(plugin)
+    call = f"{_name(plugin)}({', '.join([*map(repr, injected), *(f'{k}={v!r}' for k, v in args.items())])})"
+    obj = _Check(plugin, kind).call(call, plugin, *injected, **args)
+    if not isinstance(obj, base):
+        raise _fail(plugin, f"{call} built a {type(obj).__name__}, not a sandbox.kinds.{base.__name__}", kind)
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+def check_tokenizer(tokenizer, image_size: int | None = None, batch: int = 2, **init_args) -> None:
+    """encode: (B,3,H,W) -> (B,c,H/s,W/s), deterministic without ``sample``, seeded with it; tokens
+    (B,C,h,w) with C = c p^2 and an exact round trip; decode: back to finite (B,3,H,W); moments
+    (B,P,H/s,W/s) from which latent_from_moments gives the latents encode gives, for the same generator."""
+    tok = _build(tokenizer, Tokenizer, "tokenizer", init_args)
+    c = _Check(tokenizer if isinstance(tokenizer, type) else tok, "tokenizer")
+    for attr in ("latent_channels", "stride", "patch_size"):
+        value = getattr(tok, attr, None)
+        c.expect(isinstance(value, int) and value >= 1, f"{attr} is {value!r}; expected a positive int")
+    c.expect(tok.token_dim == tok.latent_channels * tok.patch_size**2,
+             f"token_dim is {tok.token_dim}; expected latent_channels * patch_size^2 = "
+             f"{tok.latent_channels * tok.patch_size ** 2}")
+    S = image_size or tok.token_stride * 4
+    images = torch.rand(batch, 3, S, S, generator=_gen(0)) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    latent_shape = (batch, tok.latent_channels, S // tok.stride, S // tok.stride)
+    h, w = c.call(f"grid_size({S})", tok.grid_size, S)
+    enc = f"encode(images {tuple(images.shape)}"
     with torch.no_grad():
-        latent = tokenizer.encode(images, generator=g, sample=False)
-        expect = (batch, tokenizer.latent_channels, s // tokenizer.stride, s // tokenizer.stride)
-        if tuple(latent.shape) != expect:
-            raise _fail(tokenizer, f"encode gave {tuple(latent.shape)}, expected {expect}")
-        grid = tokenizer.to_tokens(latent)
-        h, w = tokenizer.grid_size(s)
-        if tuple(grid.shape) != (batch, tokenizer.token_dim, h, w):
-            raise _fail(tokenizer, f"to_tokens gave {tuple(grid.shape)}, expected {(batch, tokenizer.token_dim, h, w)}")
-        if not torch.equal(tokenizer.from_tokens(grid), latent):
-            raise _fail(tokenizer, "from_tokens(to_tokens(latent)) != latent")
-        decoded = tokenizer.decode(latent)
-        if tuple(decoded.shape) != tuple(images.shape):
-            raise _fail(tokenizer, f"decode gave {tuple(decoded.shape)}, expected {tuple(images.shape)}")
-        if not torch.isfinite(decoded).all():
-            raise _fail(tokenizer, "decode returned non-finite values")
-        again = tokenizer.encode(images, generator=torch.Generator().manual_seed(1), sample=False)
-        if not torch.allclose(again, latent, atol=1e-5):
-            raise _fail(tokenizer, "encode(sample=False) is not deterministic")
-        # posterior moments (what a latent cache stores) must give the same latents as encode
-        moments = tokenizer.moments(images)
-        if tuple(moments.shape) != (batch, tokenizer.moment_channels, *expect[2:]):
-            raise _fail(tokenizer, f"moments gave {tuple(moments.shape)}, expected "
-                                   f"{(batch, tokenizer.moment_channels, *expect[2:])}")
-        if not torch.allclose(tokenizer.latent_from_moments(moments, sample=False), latent, atol=1e-5):
-            raise _fail(tokenizer, "latent_from_moments(moments(x), sample=False) != encode(x, sample=False)")
-        drawn = [tokenizer.latent_from_moments(moments, torch.Generator().manual_seed(2)) for _ in range(2)]
-        if not torch.equal(drawn[0], drawn[1]) or tuple(drawn[0].shape) != expect:
-            raise _fail(tokenizer, "latent_from_moments must be fixed by its generator and give latent shapes")
-        if not torch.allclose(tokenizer.encode(images, torch.Generator().manual_seed(2)), drawn[0], atol=1e-5):
-            raise _fail(tokenizer, "encode(x, g) != latent_from_moments(moments(x), g)")
+        with c.own_randomness(f"{enc}, sample=False)"):
+            latent = c.call(f"{enc}, sample=False)", tok.encode, images, generator=_gen(1), sample=False)
+        c.tensor(f"{enc}, sample=False)", latent, latent_shape, "(B, c, H/s, W/s)")
+        again = tok.encode(images, generator=_gen(2), sample=False)
+        c.expect(torch.allclose(again, latent, atol=1e-5),
+                 f"{enc}, sample=False) differs between generators (max |diff| {_max_diff(again, latent):.3g}); "
+                 "without sampling it must be deterministic (the posterior mean)")
+        with c.own_randomness(f"{enc}, sample=True)"):
+            s1 = c.call(f"{enc}, sample=True)", tok.encode, images, generator=_gen(3), sample=True)
+            s2 = tok.encode(images, generator=_gen(3), sample=True)
+        c.tensor(f"{enc}, sample=True)", s1, latent_shape, "(B, c, H/s, W/s)")
+        c.expect(torch.equal(s1, s2), f"{enc}, sample=True) with the same generator seed gave different latents; "
+                                      "draw the posterior noise from `generator`")
+        grid = c.call("to_tokens(latent)", tok.to_tokens, latent)
+        c.tensor(f"to_tokens(latent {tuple(latent.shape)})", grid, (batch, tok.token_dim, h, w), "(B, C, h, w)")
+        back = c.call("from_tokens(grid)", tok.from_tokens, grid)
+        c.expect(isinstance(back, Tensor) and back.shape == latent.shape and torch.equal(back, latent),
+                 f"from_tokens(to_tokens(latent)) gives {_shape(back)}, not the latent {tuple(latent.shape)} back")
+        with c.own_randomness("decode(latent)"):
+            decoded = c.call(f"decode(latent {tuple(latent.shape)})", tok.decode, latent)
+        c.tensor(f"decode(latent {tuple(latent.shape)})", decoded, tuple(images.shape), "(B, 3, H, W)")
+
+        # posterior moments (what a latent cache stores) must give the latents encode gives
+        P = tok.moment_channels
+        moments = c.call(f"moments(images {tuple(images.shape)})", tok.moments, images)
+        c.tensor(f"moments(images {tuple(images.shape)})", moments, (batch, P, *latent_shape[2:]), "(B, P, H/s, W/s)")
+        mean = c.call("latent_from_moments(moments, sample=False)", tok.latent_from_moments, moments, sample=False)
+        c.expect(isinstance(mean, Tensor) and mean.shape == latent.shape and torch.allclose(mean, latent, atol=1e-5),
+                 f"latent_from_moments(moments(x), sample=False) gives {_shape(mean)}, not encode(x, sample=False) "
+                 f"{tuple(latent.shape)}" + (f" (max |diff| {_max_diff(mean, latent):.3g})"
+                                             if isinstance(mean, Tensor) and mean.shape == latent.shape else ""))
+        with c.own_randomness("latent_from_moments(moments, generator)"):
+            drawn = [tok.latent_from_moments(moments, _gen(4)) for _ in range(2)]
+        c.tensor("latent_from_moments(moments, generator)", drawn[0], latent_shape, "(B, c, H/s, W/s)")
+        c.expect(torch.equal(drawn[0], drawn[1]), "latent_from_moments with the same generator seed gave different "
+                                                  "latents; draw from `generator`")
+        direct = tok.encode(images, _gen(4))
+        c.expect(torch.allclose(direct, drawn[0], atol=1e-5),
+                 f"encode(x, g) differs from latent_from_moments(moments(x), g) (max |diff| "
+                 f"{_max_diff(direct, drawn[0]):.3g}); a latent cache would train on other latents")
 
 
+# --------------------------------------------------------------------------------------
+# Ordering
+# --------------------------------------------------------------------------------------
 def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, token_dim: int = 5,
                    num_iters: tuple[int, ...] = (1, 3, 7), **init_args) -> None:
-    """Sequence round trip; training split shapes and equal visible counts; every position predicted once."""
-    ordering = factory(grid, **init_args)
-    assert isinstance(ordering, Ordering), _fail(factory, "is not an Ordering")
-    L = ordering.seq_len
-    g = torch.Generator().manual_seed(0)
-    grid_t = torch.randn(batch, token_dim, *grid, generator=g)
-    seq = ordering.to_sequence(grid_t)
-    if tuple(seq.shape) != (batch, L, token_dim):
-        raise _fail(factory, f"to_sequence gave {tuple(seq.shape)}, expected {(batch, L, token_dim)}")
-    back = ordering.to_grid(seq)
-    if tuple(back.shape) != tuple(grid_t.shape):
-        raise _fail(factory, f"to_grid gave {tuple(back.shape)}, expected {tuple(grid_t.shape)}")
-    groups = ordering.groups()
-    if tuple(groups.shape) != (L,) or int(groups.max()) >= ordering.num_groups or int(groups.min()) < 0:
-        raise _fail(factory, "groups() must be (L,) with values in [0, num_groups)")
-    for _ in range(5):
-        split = ordering.training_split(seq, g)
-        if not isinstance(split, TrainingSplit):
-            raise _fail(factory, "training_split must return a TrainingSplit")
-        if tuple(split.visible.shape) != (batch, L) or split.visible.dtype != torch.bool:
-            raise _fail(factory, "visible must be (B, L) bool")
-        if tuple(split.weight.shape) != (batch, L) or tuple(split.inputs.shape) != tuple(seq.shape):
-            raise _fail(factory, "weight must be (B, L) and inputs (B, L, C)")
-        counts = split.visible.sum(1)
-        if not (counts == counts[0]).all():
-            raise _fail(factory, "every row must have the same number of visible positions")
-        if not (split.weight >= 0).all() or not (split.weight.sum(1) > 0).all():
-            raise _fail(factory, "loss weights must be >= 0 with some loss in every row")
+    """Sequence (B,L,C) <-> grid round trip; training splits with equal visible counts and loss in every row;
+    sampling plans that predict every position exactly once with non-decreasing progress; all seeded."""
+    o = _build(factory, Ordering, "ordering", init_args, tuple(grid))
+    c = _Check(factory, "ordering")
+    L = o.seq_len
+    c.expect(isinstance(L, int) and L >= grid[0] * grid[1],
+             f"seq_len is {L!r}; expected an int >= h*w = {grid[0] * grid[1]} (every grid cell is a position)")
+    grid_t = torch.randn(batch, token_dim, *grid, generator=_gen(0))  # (B, C, h, w)
+    seq = c.call(f"to_sequence(grid {tuple(grid_t.shape)})", o.to_sequence, grid_t)
+    c.tensor(f"to_sequence(grid {tuple(grid_t.shape)})", seq, (batch, L, token_dim), "(B, L, C)")
+    back = c.call("to_grid(seq)", o.to_grid, seq)
+    c.tensor(f"to_grid(seq {tuple(seq.shape)})", back, tuple(grid_t.shape), "(B, C, h, w)")
+    c.expect(torch.allclose(back, grid_t, atol=1e-5),
+             f"to_grid(to_sequence(grid)) is not the grid (max |diff| {_max_diff(back, grid_t):.3g})")
+    groups = c.call("groups()", o.groups)
+    c.tensor("groups()", groups, (L,), "(L,)", "long")
+    G = o.num_groups
+    c.expect(int(groups.min()) >= 0 and int(groups.max()) < G,
+             f"groups() spans [{int(groups.min())}, {int(groups.max())}]; expected values in [0, num_groups={G})")
+
+    # -- training ----------------------------------------------------------------------
+    split_call = f"training_split(seq {tuple(seq.shape)})"
+    for seed in range(5):  # several draws: a ratio-dependent bug shows up in some of them
+        with c.own_randomness(split_call):
+            split = c.call(split_call, o.training_split, seq, _gen(seed))
+        c.expect(isinstance(split, TrainingSplit), f"{split_call} returned {type(split).__name__}; "
+                                                   "expected a sandbox.kinds.TrainingSplit")
+        c.tensor(f"{split_call}.inputs", split.inputs, (batch, L, token_dim), "(B, L, C)")
+        c.tensor(f"{split_call}.visible", split.visible, (batch, L), "(B, L)", "bool")
+        c.tensor(f"{split_call}.weight", split.weight, (batch, L), "(B, L)")
+        counts = split.visible.sum(1).tolist()
+        c.expect(len(set(counts)) == 1, f"{split_call} shows rows {counts} visible positions; every row must show "
+                                        "the same number (the encoder runs them as one batch)")
+        c.expect(bool((split.weight >= 0).all()), f"{split_call}.weight has negative entries; weights must be >= 0")
+        per_row = split.weight.sum(1).tolist()
+        c.expect(all(x > 0 for x in per_row), f"{split_call}.weight sums to {per_row} per row; every row needs "
+                                              "some loss")
+        again = o.training_split(seq, _gen(seed))
+        c.expect(torch.equal(again.visible, split.visible) and torch.equal(again.weight, split.weight),
+                 f"{split_call} with the same generator seed gave a different split; draw from `generator`")
+
+    # -- sampling ------------------------------------------------------------------------
     for num_iter in num_iters:
-        plan = ordering.sampling_plan(batch, num_iter, g)
-        if not plan or not all(isinstance(s, SampleStep) for s in plan):
-            raise _fail(factory, f"sampling_plan({num_iter}) must be a non-empty list of SampleStep")
+        plan_call = f"sampling_plan(batch={batch}, num_iter={num_iter})"
+        with c.own_randomness(plan_call):
+            plan = c.call(plan_call, o.sampling_plan, batch, num_iter, _gen(0))
+        c.expect(isinstance(plan, list) and plan and all(isinstance(s, SampleStep) for s in plan),
+                 f"{plan_call} returned {type(plan).__name__}; expected a non-empty list of sandbox.kinds.SampleStep")
         times = torch.zeros(batch, L, dtype=torch.long)
         known = torch.zeros(batch, L, dtype=torch.bool)
         last = 0.0
-        for step in plan:
-            if tuple(step.predict.shape) != (batch, L):
-                raise _fail(factory, "SampleStep.predict must be (B, L)")
-            n = step.predict.sum(1)
-            if not (n == n[0]).all() or int(n[0]) == 0:
-                raise _fail(factory, "each step must predict the same positive number of positions per row")
-            inputs, visible = ordering.step_inputs(torch.zeros(batch, L, token_dim), known, step)
-            if tuple(visible.shape) != (batch, L) or not (visible.sum(1) == visible.sum(1)[0]).all():
-                raise _fail(factory, "step_inputs must give (B, L) visibility with equal counts per row")
-            if not 0.0 < step.progress <= 1.0 or step.progress < last:
-                raise _fail(factory, "progress must be non-decreasing in (0, 1]")
-            last = step.progress
+        for i, step in enumerate(plan):
+            at = f"{plan_call} step {i}"
+            c.tensor(f"{at}: predict", step.predict, (batch, L), "(B, L)", "bool")
+            n = step.predict.sum(1).tolist()
+            c.expect(len(set(n)) == 1 and n[0] > 0, f"{at} predicts {n} positions per row; expected the same "
+                                                    "positive number in every row")
+            c.expect(not bool((known & step.predict).any()), f"{at} predicts a position that is already known")
+            tokens = torch.where(known[..., None], torch.randn(batch, L, token_dim, generator=_gen(i)), 0.0)
+            inputs, visible = c.call(f"step_inputs before {at}", o.step_inputs, tokens, known, step)
+            c.tensor(f"step_inputs before {at}: inputs", inputs, (batch, L, token_dim), "(B, L, C)")
+            c.tensor(f"step_inputs before {at}: visible", visible, (batch, L), "(B, L)", "bool")
+            shown = visible.sum(1).tolist()
+            c.expect(len(set(shown)) == 1, f"step_inputs before {at} shows rows {shown} visible positions; every "
+                                           "row must show the same number")
+            c.expect(isinstance(step.progress, (int, float)) and last <= step.progress <= 1.0 and step.progress > 0,
+                     f"{at} has progress {step.progress!r} after {last}; expected non-decreasing values in (0, 1]")
+            last = float(step.progress)
             times += step.predict.long()
             known |= step.predict
-        if not (times == 1).all():
-            raise _fail(factory, f"with num_iter={num_iter} some position is predicted {int(times.max())}x or never")
+        never, twice = int((times == 0).sum()), int((times > 1).sum())
+        c.expect(never == 0 and twice == 0, f"{plan_call} leaves {never} (row, position) pairs never predicted and "
+                                            f"predicts {twice} more than once; each must be predicted exactly once")
+        again = o.sampling_plan(batch, num_iter, _gen(0))
+        c.expect(len(again) == len(plan) and all(torch.equal(a.predict, b.predict) for a, b in zip(again, plan)),
+                 f"{plan_call} with the same generator seed gave a different plan; draw from `generator`")
 
 
+# --------------------------------------------------------------------------------------
+# Head
+# --------------------------------------------------------------------------------------
 def check_head(factory, token_dim: int = 6, cond_dim: int = 16, n: int = 10, **init_args) -> None:
-    """loss (N,) finite and differentiable w.r.t. the condition; sample (N,C) finite, seeded, guided."""
-    head = factory(token_dim, cond_dim, **init_args)
-    assert isinstance(head, Head), _fail(factory, "is not a Head")
-    if head.token_dim != token_dim or head.cond_dim != cond_dim:
-        raise _fail(factory, "must keep the token_dim and cond_dim it is built with")
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(n, token_dim, generator=g) * 2 - 1
-    cond = torch.randn(n, cond_dim, generator=g, requires_grad=True)
-    loss = head.loss(target, cond, g)
-    if tuple(loss.shape) != (n,) or not torch.isfinite(loss).all():
-        raise _fail(factory, f"loss must be finite with shape (N,), got {tuple(loss.shape)}")
-    loss.mean().backward()
-    if cond.grad is None:
-        raise _fail(factory, "loss must be differentiable with respect to the condition")
+    """loss: (N,C),(N,D) -> finite per-row (N,), differentiable in cond and the head's parameters, seeded;
+    sample: (N,D) -> finite (N,C), seeded, also with temperature and classifier-free guidance."""
+    head = _build(factory, Head, "head", init_args, token_dim, cond_dim)
+    c = _Check(factory, "head")
+    c.expect(head.token_dim == token_dim and head.cond_dim == cond_dim,
+             f"built with (token_dim={token_dim}, cond_dim={cond_dim}) it reports token_dim={head.token_dim}, "
+             f"cond_dim={head.cond_dim}; pass both on to Head.__init__")
+    target = torch.rand(n, token_dim, generator=_gen(0)) * 2 - 1  # (N, C)
+    cond = torch.randn(n, cond_dim, generator=_gen(1))  # (N, D)
+    loss_call = f"loss(target {tuple(target.shape)}, cond {tuple(cond.shape)})"
+
+    # -- training: per-row loss with gradients ------------------------------------------------
+    head.train()
+    cond_grad = cond.clone().requires_grad_(True)
+    loss = c.call(loss_call, head.loss, target, cond_grad, _gen(2))
+    c.tensor(loss_call, loss, (n,), "(N,)")
+    c.call(f"{loss_call}.mean().backward()", loss.mean().backward)
+    # not "> 0": an adaLN-zero head (DiT, MAR) starts with a zero output layer and a zero gradient to cond
+    c.expect(cond_grad.grad is not None, f"{loss_call} is not connected to cond in the autograd graph; the "
+                                         "transformer learns only through the gradient to cond")
+    c.tensor(f"the gradient of {loss_call}.mean() to cond", cond_grad.grad, tuple(cond.shape), "(N, D)")
+    params = [p for p in head.parameters() if p.requires_grad]
+    c.expect(not params or any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params),
+             f"{loss_call} gives no gradient to any of the head's {len(params)} trainable parameters")
+    head.zero_grad(set_to_none=True)
+
+    # -- eval mode: reproducible, row by row --------------------------------------------------
     head.eval()
-    c = cond.detach()
-    a = head.sample(c, generator=torch.Generator().manual_seed(1))
-    b = head.sample(c, generator=torch.Generator().manual_seed(1))
-    if tuple(a.shape) != (n, token_dim) or not torch.isfinite(a).all():
-        raise _fail(factory, f"sample must be finite with shape (N, C), got {tuple(a.shape)}")
-    if not torch.equal(a, b):
-        raise _fail(factory, "sample with the same generator seed must be identical")
-    guided = head.sample(c, temperature=0.9, cfg=2.0, uncond=torch.zeros_like(c), generator=g)
-    if tuple(guided.shape) != (n, token_dim) or not torch.isfinite(guided).all():
-        raise _fail(factory, "guided sample must be finite with shape (N, C)")
+    with torch.no_grad():
+        with c.own_randomness(f"{loss_call} in eval mode"):
+            a = head.loss(target, cond, _gen(3))
+            b = head.loss(target, cond, _gen(3))
+        c.expect(torch.equal(a, b), f"{loss_call} with the same generator seed gave different values (max |diff| "
+                                    f"{_max_diff(a, b):.3g}); draw its randomness from `generator`")
+        moved = target.clone()
+        moved[0] = -moved[0]  # (N, C) only row 0 changes
+        other = head.loss(moved, cond, _gen(3))
+        changed = [i for i in range(1, n) if not torch.allclose(other[i], a[i], atol=1e-5, rtol=1e-4)]
+        c.expect(not changed, f"{loss_call}: changing row 0's target changed the loss of rows {changed}; the loss "
+                              "of a row may depend on that row only")
+
+        sample_call = f"sample(cond {tuple(cond.shape)})"
+        with c.own_randomness(sample_call):
+            x = c.call(sample_call, head.sample, cond, generator=_gen(4))
+            y = head.sample(cond, generator=_gen(4))
+        c.tensor(sample_call, x, (n, token_dim), "(N, C)")
+        c.expect(torch.equal(x, y), f"{sample_call} with the same generator seed gave different tokens (max |diff| "
+                                    f"{_max_diff(x, y):.3g}); draw its randomness from `generator`")
+        uncond = torch.randn(n, cond_dim, generator=_gen(5))  # (N, D)
+        for temperature, cfg in ((0.5, 1.0), (0.9, 2.0)):
+            guided_call = f"sample(cond {tuple(cond.shape)}, temperature={temperature}, cfg={cfg}, uncond (N, D))"
+            with c.own_randomness(guided_call):
+                g = c.call(guided_call, head.sample, cond, temperature, cfg, uncond, _gen(6))
+            c.tensor(guided_call, g, (n, token_dim), "(N, C)")
 
 
-def check_dataset(dataset: Dataset, max_items: int = 4) -> None:
-    """Items are ((3,S,S) float in [-1,1], int label in [0, num_classes)); augment keeps shapes.
-    A latent cache (``provides == "moments"``): augment turns items into (B,P,h,w) moments."""
-    assert isinstance(dataset, Dataset), _fail(dataset, "is not a Dataset")
-    if len(dataset) == 0:
-        raise _fail(dataset, "is empty")
-    if dataset.image_size <= 0 or dataset.num_classes <= 0:
-        raise _fail(dataset, "must set image_size and num_classes")
-    S = dataset.image_size
-    items = [dataset[i] for i in range(min(max_items, len(dataset)))]
-    for i, (image, label) in enumerate(items):
-        loaded = dataset.load(i)
-        if loaded is not None and (not torch.equal(loaded[0], image) or int(loaded[1]) != int(label)):
-            raise _fail(dataset, f"load({i}) must be None (unreadable) or equal dataset[{i}]")
-    if dataset.provides == "moments":
-        batch = torch.stack([x for x, _ in items])
-        out = dataset.augment(batch, torch.Generator().manual_seed(0))
-        if out.ndim != 4 or out.shape[0] != batch.shape[0] or not out.is_floating_point():
-            raise _fail(dataset, f"augment must give float moments (B, P, h, w), got {tuple(out.shape)}")
-        for label in (int(lab) for _, lab in items):
-            if not 0 <= label < dataset.num_classes:
-                raise _fail(dataset, f"label {label} outside [0, {dataset.num_classes})")
+# --------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------
+def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
+    """Items are (image (3,S,S) float in [-1,1], int label in [0, num_classes)), the same on every read and
+    collatable into batches; ``load(i)`` is None or ``dataset[i]``; augment keeps a batch's shape and range
+    and is seeded. A latent cache (``provides == "moments"``): augment turns items into (B,P,h,w) moments."""
+    ds = _build(dataset, Dataset, "dataset", init_args)
+    c = _Check(dataset if isinstance(dataset, type) else ds, "dataset")
+    size = c.call("len(dataset)", len, ds)
+    c.expect(size > 0, "len(dataset) is 0; an empty dataset cannot train")
+    S, K = ds.image_size, ds.num_classes
+    c.expect(isinstance(S, int) and S > 0, f"image_size is {S!r}; expected a positive int (set it in __init__)")
+    c.expect(isinstance(K, int) and K > 0, f"num_classes is {K!r}; expected a positive int")
+    c.expect(ds.provides in ("images", "moments"), f"provides is {ds.provides!r}; expected 'images' or 'moments'")
+    images_ = ds.provides == "images"
+    what = "image" if images_ else "item"
+    indices = sorted({*range(min(max_items - 1, size)), size - 1})  # the first few and the last one
+    items = []
+    for i in indices:
+        item = c.call(f"dataset[{i}]", ds.__getitem__, i)
+        c.expect(isinstance(item, tuple) and len(item) == 2, f"dataset[{i}] returned {type(item).__name__}; "
+                                                             f"expected a tuple ({what}, label)")
+        image, label = item
+        if images_:
+            c.tensor(f"dataset[{i}] image", image, (3, S, S), "(3, S, S)")
+            lo, hi = float(image.min()), float(image.max())
+            c.expect(lo >= -1 - 1e-5 and hi <= 1 + 1e-5, f"dataset[{i}] image spans [{lo:.3g}, {hi:.3g}]; images "
+                                                         "must lie in [-1, 1]")
+        else:
+            c.expect(isinstance(image, Tensor) and image.is_floating_point(),
+                     f"dataset[{i}] item is {type(image).__name__}; expected a float tensor of moments")
+        is_int = isinstance(label, numbers.Integral) or (isinstance(label, Tensor) and label.numel() == 1
+                                                         and not label.is_floating_point())
+        c.expect(is_int and not isinstance(label, bool), f"dataset[{i}] label is {label!r}; expected an int")
+        c.expect(0 <= int(label) < K, f"dataset[{i}] label {int(label)} is outside [0, num_classes={K})")
+        image2, label2 = ds[i]
+        c.expect(torch.equal(image, image2) and int(label) == int(label2),
+                 f"dataset[{i}] differs between two reads; random augmentation belongs in augment(images, generator)")
+        loaded = c.call(f"load({i})", ds.load, i)
+        c.expect(loaded is None or (torch.equal(loaded[0], image) and int(loaded[1]) == int(label)),
+                 f"load({i}) is neither None (unreadable) nor dataset[{i}]")
+        items.append(item)
+    batch, labels = c.call("torch.utils.data.default_collate(items)", torch.utils.data.default_collate, items)
+    aug_call = f"augment({what}s {tuple(batch.shape)})"
+    with c.own_randomness(aug_call):
+        out = c.call(aug_call, ds.augment, batch, _gen(0))
+        again = ds.augment(batch, _gen(0))
+    c.expect(isinstance(out, Tensor) and isinstance(again, Tensor) and torch.equal(out, again),
+             f"{aug_call} with the same generator seed gave different results; draw from `generator`")
+    if not images_:
+        c.expect(out.ndim == 4 and out.shape[0] == len(items), f"{aug_call} has shape {_shape(out)}; expected "
+                                                               f"moments (B, P, h, w) with B = {len(items)}")
+        c.tensor(aug_call, out, tuple(out.shape), "(B, P, h, w)")
         return
-    if dataset.provides != "images":
-        raise _fail(dataset, f"provides must be 'images' or 'moments', got {dataset.provides!r}")
-    for image, label in items:
-        if tuple(image.shape) != (3, S, S) or not image.is_floating_point():
-            raise _fail(dataset, f"images must be float (3, {S}, {S}), got {tuple(image.shape)} {image.dtype}")
-        if image.min() < -1 - 1e-5 or image.max() > 1 + 1e-5:
-            raise _fail(dataset, "images must lie in [-1, 1]")
-        if not 0 <= int(label) < dataset.num_classes:
-            raise _fail(dataset, f"label {label} outside [0, {dataset.num_classes})")
-    batch = torch.stack([im for im, _ in items])
-    out = dataset.augment(batch, torch.Generator().manual_seed(0))
-    if tuple(out.shape) != tuple(batch.shape):
-        raise _fail(dataset, "augment must keep the batch shape")
+    c.tensor("a collated batch of images", batch, (len(items), 3, S, S), "(B, 3, S, S)")
+    c.tensor(aug_call, out, tuple(batch.shape), "(B, 3, S, S)")
+    lo, hi = float(out.min()), float(out.max())
+    c.expect(lo >= -1 - 1e-5 and hi <= 1 + 1e-5, f"{aug_call} spans [{lo:.3g}, {hi:.3g}]; images must stay in [-1, 1]")
+
+
+# --------------------------------------------------------------------------------------
+def check_plugin(plugin, **init_args) -> None:
+    """Run the check of the plugin's kind (a class, or a tokenizer/dataset instance)."""
+    from sandbox.registry import kind_of
+
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    check = {"tokenizer": check_tokenizer, "ordering": check_ordering, "head": check_head,
+             "dataset": check_dataset}[kind_of(cls)]
+    check(plugin, **init_args)
