@@ -5,7 +5,8 @@ jsonargparse ``class_path`` (the short class name works) and ``init_args``.
 Arguments that depend on other parts of a recipe (the token grid an ordering
 works on, the token and condition widths of a head) are not written in the
 recipe: the core passes them as the first positional arguments when it builds
-the plugin, so they cannot disagree.
+the plugin, so they cannot disagree. docs/writing-plugins.md walks through
+writing, testing (``sandbox.testing``) and sharing a plugin.
 
 Shape alphabet: B batch, L sequence length, C token dim, D condition dim,
 c latent channels, h/w token grid, H/W image, N rows given to a head.

@@ -82,7 +82,8 @@ class _Check:
     def tensor(self, what: str, x, shape: tuple, letters: str, dtype: str = "float", finite: bool = True) -> None:
         """``x`` is a tensor of ``shape`` (named ``letters``, e.g. "(B, L, C)") and dtype kind float/bool/long."""
         self.expect(isinstance(x, Tensor), f"{what} returned {type(x).__name__}; expected a tensor {letters}")
-        self.expect(tuple(x.shape) == tuple(shape), f"{what} has shape {_shape(x)}; expected {letters} = {tuple(shape)}")
+        self.expect(tuple(x.shape) == tuple(shape),
+                    f"{what} has shape {_shape(x)}; expected {letters} = {tuple(shape)}")
         ok = {"float": x.is_floating_point(), "bool": x.dtype == torch.bool,
               "long": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool}[dtype]
         self.expect(ok, f"{what} has dtype {x.dtype}; expected a {dtype} tensor")

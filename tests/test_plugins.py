@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import textwrap
 
 import pytest
 import torch

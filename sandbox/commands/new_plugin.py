@@ -239,8 +239,8 @@ def run(cfg: Namespace) -> None:
         raise UserError(f"plugin name {name!r} must be snake_case (lowercase letters, digits, _), e.g. gmm or "
                         "zigzag_order: it names the file, and the class in CamelCase")
     cls = cfg.class_name or class_name_for(kind, name)
-    if not cls.isidentifier():
-        raise UserError(f"class name {cls!r} is not a Python identifier")
+    if not cls.isidentifier() or cls in SUFFIX.values():
+        raise UserError(f"class name {cls!r} is not a Python identifier other than a kind's name")
     out = Path(cfg.dir)
     files = {out / f"{name}.py": PLUGINS[kind], out / f"test_{name}.py": TEST, out / f"{name}.yaml": RECIPE}
     taken = [str(f) for f in files if f.exists()]
