@@ -239,8 +239,14 @@ def _broken_tokenizers():
         def encode(self, images, generator=None, sample=True):
             return images + torch.randn_like(images) * 0.1 if sample else images
 
+    class CacheDisagrees(PixelTokenizer):
+        def latent_from_moments(self, moments, generator=None, sample=True):
+            return moments * 2
+
     return [(HalfDecode, "decode(latent (2, 3, 8, 8)) has shape (2, 3, 4, 8); expected (B, 3, H, W) = (2, 3, 8, 8)"),
-            (GlobalNoise, "encode(images (2, 3, 8, 8), sample=True) drew from torch's global random generator")]
+            (GlobalNoise, "encode(images (2, 3, 8, 8), sample=True) drew from torch's global random generator"),
+            (CacheDisagrees, "latent_from_moments(moments(x), sample=False) gives (2, 3, 8, 8), not encode(x, "
+                             "sample=False) (2, 3, 8, 8) (max |diff|")]
 
 
 def _broken_orderings():
