@@ -59,22 +59,73 @@ def _as_list(value, where: str) -> list[str]:
     raise UserError(f"plugins in {where} must be a list of .py file paths, got {value!r}")
 
 
-def _recipe_plugins(path: Path) -> list[tuple[Path, str]]:
-    """``plugins:`` of a recipe file, relative to the recipe's directory."""
+def _read_recipe(path: Path) -> dict:
+    """A recipe file's top level, or {} when it does not read as a mapping (the parser then reports it)."""
     import yaml
 
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
-        return []  # the parser reports an unreadable recipe in its own words
-    if not isinstance(data, dict):
-        return []
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _recipe_plugins(path: Path) -> list[tuple[Path, str]]:
+    """``plugins:`` of a recipe file, relative to the recipe's directory."""
+    data = _read_recipe(path)
+    return [(path.parent / f, f"listed under plugins: in {path}") for f in _as_list(data.get("plugins"), str(path))]
+
+
+def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
+    """A recipe and the recipes it builds on (``base:``, relative to it, recursively), base-most first."""
+    data = _read_recipe(path)
     if "config" in data:
         # jsonargparse applies the included file and the including one's keys against the state before both,
         # so an override of a plugin's init_args silently drops the base's (measured with jsonargparse 4.53)
-        raise UserError(f"recipe {path} includes another recipe with `config:`; give both on the command line "
-                        f"instead (later files override earlier ones): --config BASE.yaml --config {path}")
-    return [(path.parent / f, f"listed under plugins: in {path}") for f in _as_list(data.get("plugins"), str(path))]
+        raise UserError(f"recipe {path} includes another recipe with `config:`; name it with `base: FILE.yaml` "
+                        f"instead, or give both on the command line: --config BASE.yaml --config {path}")
+    base = data.get("base")
+    if base is None:
+        return [path]
+    if not isinstance(base, str):
+        raise UserError(f"base in {path} must be one recipe file path, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise UserError(f"recipe {base_path} not found (base of {path}, relative to it)")
+    chain = (*chain, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise UserError(f"recipes build on each other in a circle: {cycle}; remove one base:")
+    return _with_bases(base_path, chain) + [path]
+
+
+def expand_bases(argv: list[str]) -> list[str]:
+    """Put the recipes each ``--config`` file builds on (``base:``) before it, as earlier ``--config`` files.
+
+    A base already applied earlier on the line is not applied again: it would undo what the files between
+    changed (``--config quickstart.yaml --config gmm_digits.yaml`` stays as it is).
+    """
+    out, applied, i = [], set(), 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            value, i = argv[i][len("--config="):], i + 1
+        else:
+            out.append(argv[i])
+            i += 1
+            continue
+        if not os.path.isfile(value):  # a YAML string, or a missing file the parser reports
+            out += ["--config", value]
+            continue
+        *bases, recipe = _with_bases(Path(value))
+        for path in bases:
+            if path.resolve() not in applied:
+                out += ["--config", str(path)]
+                applied.add(path.resolve())
+        out += ["--config", str(recipe)]
+        applied.add(recipe.resolve())
+    return out
 
 
 def plugin_files(argv: list[str]) -> list[tuple[Path, str]]:
@@ -110,16 +161,18 @@ def _strip_plugin_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def _with_resolved_plugins(argv: list[str], parser: ArgumentParser, files: list[Path]) -> list[str]:
-    """Give a recipe command the absolute paths of every plugin file it loaded as its ``plugins``, so
-    ``--print_config`` and the run directory's recipe.yaml re-load them from anywhere."""
+def _resolved_recipe_args(argv: list[str], parser: ArgumentParser, files: list[Path]) -> list[str]:
+    """For a recipe command: the absolute paths of every plugin file it loaded as its ``plugins``, so
+    ``--print_config`` and the run directory's recipe.yaml re-load them from anywhere; and no ``base``,
+    since the bases were applied already (``expand_bases``) and a printed recipe is complete on its own."""
     names = parser.command_parsers
     command = next((a for a in argv if a in names), None)
-    if not files or command is None or not any("--plugins" in a.option_strings for a in names[command]._actions):
+    if command is None or not any("--plugins" in a.option_strings for a in names[command]._actions):
         return argv
-    value = "--plugins=" + json.dumps([str(f) for f in files])
-    at = argv.index("--print_config") if "--print_config" in argv else len(argv)  # it prints what came before
-    return argv[:at] + [value] + argv[at:]
+    resolved = ["--base=null"] + (["--plugins=" + json.dumps([str(f) for f in files])] if files else [])
+    # --print_config prints what came before it
+    at = next((i for i, a in enumerate(argv) if a.startswith("--print_config")), len(argv))
+    return argv[:at] + resolved + argv[at:]
 
 
 def run(argv: list[str]) -> None:
@@ -127,6 +180,7 @@ def run(argv: list[str]) -> None:
 
     registry.load_builtins()
     registry.load_entry_points()
+    argv = expand_bases(argv)
     found = plugin_files(argv)
     given = {registry.module_name_for(path) for path, origin in found if origin == FLAG_ORIGIN}
     for path, origin in found:  # --plugin files first: one stands in for a listed file of the same name
@@ -142,7 +196,7 @@ def run(argv: list[str]) -> None:
             files.append(resolved)
     registry.discover()  # a name clash is an error naming both sources
     parser = main_parser()
-    argv = _with_resolved_plugins(_strip_plugin_flags(argv), parser, files)
+    argv = _resolved_recipe_args(_strip_plugin_flags(argv), parser, files)
     try:
         cfg = parser.parse_args(argv)
     except Exception as e:  # jsonargparse raises ArgumentError; keep it to one line

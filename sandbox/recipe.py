@@ -102,6 +102,9 @@ SLOT_HELP = {
 def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
     parser.add_argument("--seed", type=int, default=0, help="Fixes initialisation, data order and all sampling.")
+    parser.add_argument("--base", type=Optional[str], default=None,
+                        help="A recipe this one builds on, relative to this recipe file: the CLI applies it first "
+                             "(as an earlier --config), then this one; never stored (see docs/writing-plugins.md).")
     parser.add_argument("--plugins", type=list[str], default=[],
                         help="Plugin files (.py) the recipe needs, relative to the recipe file; the CLI loads them "
                              "before parsing and stores them as absolute paths (see docs/writing-plugins.md).")

@@ -16,7 +16,7 @@ from sandbox.testing import check_head
 GUIDE = REPO / "docs" / "writing-plugins.md"
 EXAMPLES = REPO / "docs" / "examples"
 QUOTE = re.compile(r"<!-- begin (\S+) -->\n```\w*\n(.*?)```\n<!-- end \1 -->", re.S)
-TRAIN = "sandbox train --config recipes/quickstart.yaml --config docs/examples/gmm_digits.yaml"
+TRAIN = "sandbox train --config docs/examples/gmm_digits.yaml"
 
 
 def test_guide_quotes_every_example_file_verbatim():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import yaml
 
 from conftest import REPO, TINY_RECIPE
 from sandbox import registry
+from sandbox.commands.new_plugin import SLOT
 from sandbox.kinds import Head
 
 HEAD_FILE = '''
@@ -190,17 +192,50 @@ def test_several_configs_compose_later_ones_override(cli, tmp_path):
     assert cfg["train"]["steps"] == 5  # the command line overrides every file
 
 
+def test_a_recipe_builds_on_its_base(cli, tmp_path, monkeypatch):
+    base = tiny(tmp_path)
+    (tmp_path / "exp").mkdir()
+    deeper = tmp_path / "exp" / "deeper.yaml"  # base: relative to the recipe that names it, not to the cwd
+    deeper.write_text("base: ../tiny.yaml\nhead:\n  init_args:\n    depth: 2\ntrain:\n  steps: 4\n")
+    longer = tmp_path / "longer.yaml"  # a base may have a base of its own
+    longer.write_text("base: exp/deeper.yaml\ntrain:\n  steps: 5\n")
+    monkeypatch.chdir(REPO)
+    cfg = yaml.safe_load(cli("train", "--config", longer, "--print_config").stdout)
+    assert cfg["head"]["init_args"]["depth"] == 2 and cfg["head"]["init_args"]["width"] == 32  # merged
+    assert cfg["train"]["steps"] == 5 and cfg["base"] is None  # printed with its bases applied: stands alone
+
+    # a base given earlier on the line is not applied again: it would undo deeper.yaml's depth
+    wider = tmp_path / "wider.yaml"
+    wider.write_text("base: tiny.yaml\nmodel:\n  encoder_dim: 48\n")
+    cfg = yaml.safe_load(cli("train", "--config", base, "--config", deeper, "--config", wider,
+                             "--print_config").stdout)
+    assert cfg["head"]["init_args"]["depth"] == 2 and cfg["model"]["encoder_dim"] == 48
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    user_error(cli("train", "--config", tmp_path / "a.yaml"), "in a circle",
+               f"{tmp_path.resolve() / 'a.yaml'} -> {tmp_path.resolve() / 'b.yaml'} -> {tmp_path.resolve() / 'a.yaml'}")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    user_error(cli("train", "--config", tmp_path / "c.yaml"), f"recipe {tmp_path / 'nowhere.yaml'} not found",
+               f"base of {tmp_path / 'c.yaml'}")
+
+
 def test_a_recipe_that_includes_another_is_refused(cli, tmp_path):
     base = tiny(tmp_path)
     child = tmp_path / "child.yaml"
     child.write_text(f"config: {base}\nhead:\n  init_args:\n    depth: 2\n")
     user_error(cli("train", "--config", child, "--print_config"), "includes another recipe",
+               "name it with `base: FILE.yaml`",
                f"--config BASE.yaml --config {child}")
 
 
 # ----------------------------------------------------------------------------------------
 # sandbox new-plugin
 # ----------------------------------------------------------------------------------------
+def cls_file(cls):
+    return Path(importlib.import_module(cls.__module__).__file__).resolve()
+
+
 def _import(path):
     spec = importlib.util.spec_from_file_location(f"generated_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -218,10 +253,15 @@ def test_new_plugin_skeleton_passes_its_own_contract_test_and_trains(cli, tmp_pa
     cls = getattr(test_module.plugin, f"Sketch{kind.capitalize()}")
     assert registry.plugins(kind)[cls.__name__] is cls  # loaded once, under its --plugin module name
     run = tmp_path / "run"
-    proc = cli("train", "--config", tiny(tmp_path), "--config", tmp_path / "mine" / f"{name}.yaml",
-               "--run_dir", run, "--train.steps", 2)
+    line = ["train", "--config", tiny(tmp_path), "--config", tmp_path / "mine" / f"{name}.yaml",
+            "--run_dir", run, "--train.steps", 2]
+    resolved = yaml.safe_load(cli(*line, "--print_config").stdout)
+    proc = cli(*line)
     assert proc.returncode == 0, proc.stderr
     assert (run / "samples" / "final.png").is_file()
+    stored = yaml.safe_load((run / "recipe.yaml").read_text())  # the run keeps the composed recipe it ran
+    assert stored == {k: resolved[k] for k in stored} and stored["plugins"] == [str(cls_file(cls))]
+    assert stored[SLOT[kind]]["class_path"] == f"sandbox_plugin_{name}.{cls.__name__}"
     user_error(cli("new-plugin", kind, name, "--dir", tmp_path / "mine"), "exist", "nothing was written")
 
 

@@ -216,6 +216,8 @@ def test_${name}_contract():
 
 RECIPE = '''# $Cls on top of the quickstart recipe (a later --config overrides an earlier one):
 #   sandbox train --config recipes/quickstart.yaml --config $recipe_path --train.steps 50
+# or name the recipe this one builds on, relative to this file, and give this one alone:
+# base: path/to/recipes/quickstart.yaml
 # Plugin files are relative to this recipe; a run directory stores their absolute paths.
 plugins:
   - $name.py
