@@ -105,6 +105,9 @@ def expand_bases(argv: list[str]) -> list[str]:
     A base already applied earlier on the line is not applied again: it would undo what the files between
     changed (``--config quickstart.yaml --config gmm_digits.yaml`` stays as it is).
     """
+    if any(a == "--base" or a.startswith("--base=") for a in argv):
+        raise UserError("base names a recipe's base inside the recipe file; on the command line give the base "
+                        "first instead: --config BASE.yaml --config RECIPE.yaml")
     out, applied, i = [], set(), 0
     while i < len(argv):
         if argv[i] == "--config" and i + 1 < len(argv):

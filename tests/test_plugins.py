@@ -215,6 +215,7 @@ def test_a_recipe_builds_on_its_base(cli, tmp_path, monkeypatch):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     user_error(cli("train", "--config", tmp_path / "a.yaml"), "in a circle",
                f"{tmp_path.resolve() / 'a.yaml'} -> {tmp_path.resolve() / 'b.yaml'} -> {tmp_path.resolve() / 'a.yaml'}")
+    user_error(cli("train", "--base", base, "--config", wider), "give the base first", "--config BASE.yaml")
     (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
     user_error(cli("train", "--config", tmp_path / "c.yaml"), f"recipe {tmp_path / 'nowhere.yaml'} not found",
                f"base of {tmp_path / 'c.yaml'}")
