@@ -36,7 +36,9 @@ class Tokenizer(nn.Module):
     Subclasses set ``latent_channels`` (c) and ``stride`` (s) and implement
     ``encode``/``decode``. The scale that makes latents roughly unit-variance
     belongs to the tokenizer (``encode`` returns scaled latents, ``decode``
-    takes them), so no other file repeats it. Tokenizers are frozen: the core
+    takes them), so no other file repeats it; a tokenizer that takes it as a
+    ``scale`` argument lets ``sandbox calibrate-scale`` write the measured
+    value into a recipe. Tokenizers are frozen: the core
     never trains them and never stores them in a MAR checkpoint.
     """
 
@@ -196,10 +198,12 @@ class Ordering:
 class Head(nn.Module):
     """A per-token conditional distribution p(x | z), trained by ``loss`` and drawn by ``sample``.
 
-    Built by the core as ``HeadClass(token_dim, cond_dim, **init_args)``.
+    Built by the core as ``HeadClass(token_dim, cond_dim, **init_args)``. A head built around a hidden
+    network sets ``width`` (its hidden width), so the trainer can warn when tokens are large for it.
     """
 
     contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+    width: int | None = None  # hidden width of the per-token network; None: not reported (no check)
 
     def __init__(self, token_dim: int, cond_dim: int):
         super().__init__()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from sandbox import __version__
 from sandbox.checkpoint import RunDir
+from sandbox.diagnostics import run_warnings
 from sandbox.errors import UserError
 from sandbox.generate import generate_many
 from sandbox.images import save_grid
@@ -252,6 +253,8 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
 
     model = exp.model.to(device)
     exp.tokenizer.to(device)
+    for warning in run_warnings(exp, cfg.seed, device):  # latent std far from 1, tokens large for the head
+        print(warning)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     peak_lr = base_lr(tc)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr, betas=tuple(tc.betas))

@@ -36,6 +36,7 @@ class DiffusionHead(Head):
     ):
         super().__init__(token_dim, cond_dim)
         self.x0_clip = x0_clip
+        self.width = width
         # the network predicts eps (C channels) and the variance interpolation (C channels)
         self.net = AdaLNMLP(token_dim, width, 2 * token_dim, cond_dim, depth, grad_checkpointing)
         self.train_diffusion = GaussianDiffusion.create(noise_schedule, train_steps)

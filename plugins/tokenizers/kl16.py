@@ -144,6 +144,7 @@ class KL16Tokenizer(AutoencoderKLTokenizer):
         checkpoint: str | None = DEFAULT_CHECKPOINT,  # the official kl16.ckpt; None = random weights (tests only)
         patch_size: int = 1,  # MAR: one latent pixel per token (256 px -> 16 x 16 tokens of 16 dims)
         base_channels: int = 128,  # the real KL-16; smaller (a multiple of 32) for tests and the parity fixture
+        scale: float = SCALE,  # 0.2325: unit variance on ImageNet; `sandbox calibrate-scale` measures another dataset's
     ):
         if base_channels < 32 or base_channels % 32:
             raise ValueError(f"base_channels must be a positive multiple of 32 (GroupNorm(32)), got {base_channels}")
@@ -160,4 +161,4 @@ class KL16Tokenizer(AutoencoderKLTokenizer):
                 hint = f" (the file has base_channels {found.shape[0]})" if found is not None else ""
                 raise UserError(f"{checkpoint} does not fit a KL-16 with base_channels {base_channels}{hint}: "
                                 f"{str(e).splitlines()[0]}") from e
-        super().__init__(vae, scale=SCALE, patch_size=patch_size)
+        super().__init__(vae, scale=scale, patch_size=patch_size)
