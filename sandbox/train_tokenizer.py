@@ -35,6 +35,7 @@ from sandbox import __version__
 from sandbox.checkpoint import RunDir, atomic_write_bytes
 from sandbox.errors import UserError
 from sandbox.kinds import Dataset
+from sandbox.metrics import psnr
 from sandbox.recipe import TrainConfig, instantiate, one_line
 from sandbox.train import (_differences, _StopRequested, autocast_dtype, base_lr, batches, ema_decay_at, ema_update,
                            lr_at, resolve_device, rng_state, set_rng_state)
@@ -190,13 +191,6 @@ def lpips_distance(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return model(x, y).flatten()  # (B,)
 
 
-def psnr(reference: Tensor, images: Tensor) -> Tensor:
-    """Per-image PSNR in dB of (N,3,H,W) images in [-1,1] against ``reference`` (peak 1 on the [0,1] scale)."""
-    # hand-written (two lines): torchmetrics is not a dependency; its peak_signal_noise_ratio gives the same numbers
-    mse = (((images.float().clamp(-1, 1) - reference.float().clamp(-1, 1)) / 2) ** 2).flatten(1).mean(1)  # (N,)
-    return 10 * torch.log10(1.0 / mse)
-
-
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
@@ -224,17 +218,17 @@ class _Losses:
         if self.lpips is not None:
             p = lpips_distance(self.lpips, images, recon)  # (B,)
             rec = rec + lc.perceptual_weight * p[:, None, None, None]  # LDM adds it at every pixel
-            parts["lpips"] = float(p.mean())
+            parts["lpips"] = float(p.detach().mean())
         B = images.shape[0]
         nll = rec.sum() / B
         kl = posterior.kl().sum() / B  # summed over latent elements, as LDM
         loss = nll + lc.kl_weight * kl
-        parts["kl"] = float(kl) / posterior.mean[0].numel()  # per latent element, readable
+        parts["kl"] = float(kl.detach()) / posterior.mean[0].numel()  # per latent element, readable
         if gan:
             g_loss = -disc(recon).mean()
             d_weight = _adaptive_weight(nll, g_loss, vae.decoder.conv_out.weight) * lc.disc_weight
             loss = loss + d_weight * g_loss
-            parts.update(g_loss=float(g_loss), d_weight=float(d_weight))
+            parts.update(g_loss=float(g_loss.detach()), d_weight=float(d_weight))
         return loss, {**parts, "recon": recon.detach()}
 
     @staticmethod
@@ -339,7 +333,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
                 with amp:
                     loss, parts = losses.generator_loss(vae, disc, images, generator, gan)  # disc frozen here
                 (loss / tc.grad_accum).backward()
-                total += float(loss) / tc.grad_accum
+                total += float(loss.detach()) / tc.grad_accum
                 recons.append((images, parts.pop("recon")))
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
@@ -358,7 +352,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
                     with amp:
                         d_loss = losses.discriminator_loss(disc, images, recon) / tc.grad_accum
                     d_loss.backward()
-                    d_total += float(d_loss)
+                    d_total += float(d_loss.detach())
                 disc_opt.step()
                 disc_opt.zero_grad(set_to_none=True)
             if not ok:
@@ -419,11 +413,14 @@ def export(vae, dataset: Dataset, run: RunDir, device: torch.device, seed: int) 
     z = torch.cat(latents)
     stats = {"std": float(z.std()), "mean": float(z.mean())}
     scale = float(f"{1.0 / stats['std']:.4g}")  # 1 / std of posterior samples, as MAR's 0.2325 (LTH14/mar#2)
+    # how far the scaled latents reach: a head that clips x0 (DiffusionHead.x0_clip) must not clip below it
+    reach = torch.quantile((z.flatten() * scale).abs()[:1_000_000].float(), 0.999).item()
     vae.register_to_config(scaling_factor=scale)
     _save_vae(vae, run.root / "vae")
     _reconstruction_grid(vae, dataset, device, seed, run.samples_dir / "reconstructions.png")
     result = {"psnr": round(float(torch.cat(scores).mean()), 3), "num_images": len(images),
               "latent_std": round(stats["std"], 5), "latent_mean": round(stats["mean"], 5), "scale": scale,
+              "scaled_abs_q999": round(reach, 3),
               "vae": str(run.root / "vae")}
     atomic_write_bytes(run.root / "reconstruction.json", json.dumps(result, indent=2).encode())
     return result
