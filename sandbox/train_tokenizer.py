@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -37,6 +36,7 @@ from sandbox.errors import UserError
 from sandbox.kinds import Dataset
 from sandbox.metrics import psnr
 from sandbox.recipe import TrainConfig, instantiate, one_line
+from sandbox.reliability import NonFiniteGuard
 from sandbox.train import (_differences, _StopRequested, autocast_dtype, base_lr, batches, ema_decay_at, ema_update,
                            lr_at, resolve_device, rng_state, set_rng_state)
 
@@ -276,7 +276,8 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     vae = ac.build().to(device)
     disc = PatchDiscriminator(lc.disc_layers, lc.disc_channels).to(device) if lc.disc_start is not None else None
     losses = _Losses(lc, device)
-    run.create()
+    params = sum(p.numel() * p.element_size() for m in (vae, disc) if m is not None for p in m.parameters())
+    run.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 1) + 1))  # weights, EMA, Adam's two moments
     run.write_recipe(recipe)
 
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
@@ -285,7 +286,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or peak_lr, betas=tuple(tc.betas),
                                  weight_decay=tc.weight_decay) if disc is not None else None
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    step, skipped = 0, 0
+    step, guard = 0, NonFiniteGuard(tc.max_nonfinite_steps)
     ckpt = run.load_latest(map_location=device)
     if ckpt is not None:
         try:
@@ -298,8 +299,10 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this autoencoder: "
                             f"{str(e).splitlines()[0]}") from e
         opt.load_state_dict(ckpt["optimizer"])
-        step, skipped = int(ckpt["step"]), int(ckpt.get("skipped", 0))
+        step = int(ckpt["step"])
+        guard.load_state_dict(ckpt["guard"])
         set_rng_state(ckpt["rng"], generator)
+        run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
         print(f"resuming {run.root} from step {step}")
     meta = {"image_size": int(dataset.image_size), "stride": stride, "latent_channels": ac.latent_channels}
 
@@ -308,7 +311,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             "model": vae.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "disc": disc.state_dict() if disc is not None else {},
             "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else {},
-            "step": step, "skipped": skipped, "rng": rng_state(generator), "recipe": recipe, "meta": meta,
+            "step": step, "skipped": guard.total, "guard": guard.state_dict(), "rng": rng_state(generator), "recipe": recipe, "meta": meta,
             "version": __version__,
         }, step, tc.keep_checkpoints)
 
@@ -339,7 +342,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
                 seen += images.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
-            ok = math.isfinite(total) and torch.isfinite(grad_norm)
+            ok = guard.check(step + 1, total, grad_norm)  # a non-finite step is skipped, counted and reported
             if ok:
                 opt.step()
                 ema_update(ema, vae, ema_decay_at(step, tc))
@@ -355,17 +358,17 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
                     d_total += float(d_loss.detach())
                 disc_opt.step()
                 disc_opt.zero_grad(set_to_none=True)
-            if not ok:
-                skipped += 1
-                print(f"warning: non-finite loss or gradient at step {step}; update skipped")
             step += 1
             bar.update(1)
+            if guard.diverged():
+                bar.close()
+                raise guard.stop(step, run.last if run.last.exists() else None)
 
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.perf_counter()
                 last = {"step": step, "loss": total, **{k: round(v, 6) for k, v in parts_sum.items()},
                         **({"d_loss": d_total} if gan else {}), "lr": lr, "grad_norm": float(grad_norm),
-                        "img_per_s": seen / max(now - t_last, 1e-9), "skipped": skipped}
+                        "img_per_s": seen / max(now - t_last, 1e-9), "skipped": guard.total}
                 run.append_metrics(last)
                 bar.set_postfix(l1=f"{parts_sum.get('l1', 0):.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.0f}")
                 t_last, seen = now, 0
