@@ -85,7 +85,12 @@ def head_width_warning(token_dim: int, head: Head) -> str | None:
             f"{MIN_WIDTH_PER_DIM * token_dim}) or use a smaller patch or fewer latent channels")
 
 
-def run_warnings(exp, seed: int, device: torch.device | str, num_images: int = 64) -> list[str]:
+# images the trainer encodes for its latent-std check: a factor-2 threshold needs no precision, and on a CPU a
+# full-size KL-16 encodes a 256 px image in about a second (a latent cache's moments cost nothing)
+WARNING_IMAGES = 16
+
+
+def run_warnings(exp, seed: int, device: torch.device | str, num_images: int = WARNING_IMAGES) -> list[str]:
     """The warnings for a built experiment (``sandbox.recipe.Experiment`` with a dataset): printed once by the trainer."""
     out = [head_width_warning(exp.tokenizer.token_dim, exp.model.head)]
     if exp.dataset is not None:

@@ -4,6 +4,8 @@ PyYAML drops comments when it rewrites a file, and recipes carry their reasons i
 composed node tree still records where every scalar sits in the text, so a value is replaced (or a
 missing key inserted) by editing just those characters. Anything unusual (flow-style mappings, a
 key that is not a mapping) falls back to a plain rewrite, which the caller is told about.
+Hand-written rather than ruamel.yaml (which round-trips comments): one scalar edit does not justify a new
+dependency, and PyYAML's node marks give the exact span to replace.
 """
 from __future__ import annotations
 

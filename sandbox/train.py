@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -254,7 +255,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     model = exp.model.to(device)
     exp.tokenizer.to(device)
     for warning in run_warnings(exp, cfg.seed, device):  # latent std far from 1, tokens large for the head
-        print(warning)
+        print(warning, file=sys.stderr, flush=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     peak_lr = base_lr(tc)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr, betas=tuple(tc.betas))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sandbox import __version__
-from sandbox.checkpoint import RunDir, atomic_write_bytes
+from sandbox.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
 from sandbox.errors import UserError
 from sandbox.kinds import Dataset
 from sandbox.metrics import psnr
@@ -173,8 +173,8 @@ def load_lpips(net: str, weights: str | None, random_trunk: bool = False) -> nn.
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)  # no download
     if path is not None:
+        state = load_checkpoint(path)  # the one safe loader: tensors only, a torn file is one clear line
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             # lpips splits torchvision's `features` into slice1..5 but keeps its indices: slice2.3 = features.3
             model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in model.net.state_dict()})
         except Exception as e:

@@ -98,9 +98,9 @@ def test_calibrate_scale_writes_one_over_std_into_the_recipe_and_silences_the_wa
     path = tmp_path / "r.yaml"
     path.write_text("# my recipe: keep this comment\n" + yaml.safe_dump(recipe))
 
-    code, out, _ = cli(capsys, "train", "--config", path, "--run_dir", tmp_path / "before")
-    assert code == 0 and out.count("warning: the latents of this run have std 2.") == 1  # once, and clearly
-    assert "calibrate-scale" in out
+    code, _, err = cli(capsys, "train", "--config", path, "--run_dir", tmp_path / "before")
+    assert code == 0 and err.count("warning: the latents of this run have std 2.") == 1  # once, and clearly
+    assert "calibrate-scale" in err
 
     code, out, _ = cli(capsys, "calibrate-scale", "--config", path, "--num_images", 512, "--shift", "true")
     result = json.loads(out)
@@ -109,8 +109,8 @@ def test_calibrate_scale_writes_one_over_std_into_the_recipe_and_silences_the_wa
     assert written == {"scale": result["scale"], "shift": result["shift"]}
     assert written["scale"] == pytest.approx(1 / 2.5, rel=0.02) and path.read_text().startswith("# my recipe")
 
-    code, out, _ = cli(capsys, "train", "--config", path, "--run_dir", tmp_path / "after")
-    assert code == 0 and "warning" not in out
+    code, out, err = cli(capsys, "train", "--config", path, "--run_dir", tmp_path / "after")
+    assert code == 0 and "warning" not in out + err
 
 
 def test_head_width_warning_follows_the_reported_flux_case():
@@ -174,6 +174,24 @@ def test_lpips_is_not_built_without_a_perceptual_weight(monkeypatch, tmp_path):
     assert _Losses(LossConfig(perceptual_weight=0.0), torch.device("cpu")).lpips is None
     with pytest.raises(UserError, match="LPIPS alex trunk weights not found: .*nope.pth.*perceptual_weight 0"):
         load_lpips("alex", str(tmp_path / "nope.pth"))
+
+
+def test_lpips_reads_its_trunk_from_a_local_torchvision_file(tmp_path):
+    # torchvision's alexnet-owt-7be5be79.pth names AlexNet's convolutions features.0/3/6/8/10 (shapes below);
+    # a random file of that layout stands in for it (the classifier's weights are not read)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i, shape in shapes.items():
+        state[f"features.{i}.weight"] = torch.randn(shape, generator=g)
+        state[f"features.{i}.bias"] = torch.randn(shape[0], generator=g)
+    torch.save(state, tmp_path / "alex.pth")
+    loaded = load_lpips("alex", str(tmp_path / "alex.pth")).net.state_dict()
+    torch.testing.assert_close(loaded["slice1.0.weight"], state["features.0.weight"])  # conv1
+    torch.testing.assert_close(loaded["slice5.10.bias"], state["features.10.bias"])  # conv5: indices kept across slices
+    (tmp_path / "torn.pth").write_bytes((tmp_path / "alex.pth").read_bytes()[:1000])
+    with pytest.raises(UserError, match="torn.pth"):
+        load_lpips("alex", str(tmp_path / "torn.pth"))
 
 
 def test_trained_tokenizer_in_a_mar_recipe_end_to_end(trained_tokenizer, tmp_path):
