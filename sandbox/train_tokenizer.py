@@ -97,7 +97,12 @@ class LossConfig:
 def add_tokenizer_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
     parser.add_argument("--seed", type=int, default=0, help="Fixes initialisation, data order and posterior samples.")
-    parser.add_argument("--plugins", type=list[str], default=[], help="Extra plugin files this recipe needs.")
+    parser.add_argument("--base", type=Optional[str], default=None,
+                        help="A recipe this one builds on, relative to this recipe file: the CLI applies it first "
+                             "(as an earlier --config), then this one; never stored (see docs/writing-plugins.md).")
+    parser.add_argument("--plugins", type=list[str], default=[],
+                        help="Plugin files (.py) the recipe needs (a dataset), relative to the recipe file; the CLI "
+                             "loads them before parsing and stores them as absolute paths.")
     parser.add_argument("--data", type=Dataset, required=True, help="Dataset plugin (the images to reconstruct).")
     parser.add_argument("--autoencoder", type=AutoencoderConfig, default=AutoencoderConfig(),
                         help="The diffusers AutoencoderKL to train.")

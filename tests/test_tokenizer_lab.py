@@ -154,9 +154,10 @@ def test_training_lowers_the_reconstruction_loss_and_exports_a_diffusers_folder(
     assert json.loads((run / "vae" / "config.json").read_text())["scaling_factor"] == scores["scale"]
     assert scores["psnr"] > 5
 
-    # rerunning with more steps resumes from the last checkpoint, as `sandbox train` does
-    assert main(["train-tokenizer", "--config", str(run.parent / "tok.yaml"), "--run_dir", str(run),
-                 "--train.steps", "14"]) == 0
+    # rerunning with more steps resumes from the last checkpoint, as `sandbox train` does; here from a recipe
+    # that builds on the first one (base:, as MAR recipes do)
+    (run.parent / "longer.yaml").write_text("base: tok.yaml\ntrain:\n  steps: 14\n")
+    assert main(["train-tokenizer", "--config", str(run.parent / "longer.yaml"), "--run_dir", str(run)]) == 0
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-2:] == [12, 14]
 
 
