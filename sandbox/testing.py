@@ -236,6 +236,9 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
         again = o.training_split(seq, _gen(seed))
         c.expect(torch.equal(again.visible, split.visible) and torch.equal(again.weight, split.weight),
                  f"{split_call} with the same generator seed gave a different split; draw from `generator`")
+        leak = (split.weight > 0) & split.visible & (split.inputs == seq).all(-1)  # (B, L)
+        c.expect(not bool(leak.any()), f"{split_call} shows the encoder the true value of {int(leak.sum())} "
+                                       "position(s) that carry loss; hide them, or show a guess in their place")
 
     # -- sampling ------------------------------------------------------------------------
     for num_iter in num_iters:

@@ -1,0 +1,211 @@
+"""Orderings: the contract on several settings of each, raster and multi-scale specifics, and a tiny
+train-and-sample run per ordering through the shared cores (in-process)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY_RECIPE
+from plugins.orderings.multiscale import MultiscaleOrdering, default_scales, downsample, upsample
+from plugins.orderings.random import RandomOrdering
+from plugins.orderings.raster import RasterOrdering
+from sandbox.errors import UserError
+from sandbox.generate import generate
+from sandbox.recipe import build, recipe_parser
+from sandbox.testing import check_ordering
+from sandbox.train import load_run, train
+
+VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's ImageNet-256 list (VAR sec. 4)
+
+
+# --------------------------------------------------------------------------------------
+# The contract on settings beyond each plugin's contract_args
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory, grid, init_args", [
+    (RandomOrdering, (4, 4), {}),
+    (RasterOrdering, (4, 4), {}),
+    (RasterOrdering, (3, 5), {"mask_ratio": "uniform", "mask_ratio_min": 0.5}),
+    (MultiscaleOrdering, (4, 4), {}),
+    (MultiscaleOrdering, (4, 6), {"scales": [[1, 1], [2, 3], [4, 6]], "upsample": "bilinear"}),
+    (MultiscaleOrdering, (8, 8), {"scale_steps": [1, 2, 3, 5], "scale_weighting": "uniform"}),
+    (MultiscaleOrdering, (8, 8), {"scales": [2, 4, 8], "scale_steps": [3, 1, 4], "residual": True}),
+    (MultiscaleOrdering, (16, 16), {"scales": VAR_SCALES, "residual": True, "scale_weighting": "sqrt_area"}),
+])
+def test_contract_on_more_settings(factory, grid, init_args):
+    check_ordering(factory, grid=grid, num_iters=(1, 4, 300), **init_args)
+
+
+def test_every_position_is_predicted_once_with_one_token_per_step_at_num_iter_L():
+    for ordering in (RasterOrdering((4, 4)), MultiscaleOrdering((4, 4), scale_steps=[1, 4, 16])):
+        plan = ordering.sampling_plan(2, 16, torch.Generator().manual_seed(0))
+        counts = torch.stack([s.predict for s in plan]).sum(0)  # (B, L)
+        assert (counts == 1).all()
+    raster = RasterOrdering((4, 4)).sampling_plan(2, 16)
+    assert [int(s.predict[0].nonzero()) for s in raster] == list(range(16))  # classic next-token order
+    assert [s.progress for s in raster][-1] > [s.progress for s in raster][0]
+
+
+# --------------------------------------------------------------------------------------
+# Raster
+# --------------------------------------------------------------------------------------
+def test_raster_trains_on_a_suffix_and_samples_in_order():
+    ordering = RasterOrdering((4, 4))
+    seq = torch.randn(3, 16, 5)
+    g = torch.Generator().manual_seed(0)
+    lengths = set()
+    for _ in range(50):
+        split = ordering.training_split(seq, g)
+        hidden = ~split.visible[0]
+        n = int(hidden.sum())
+        assert hidden[16 - n :].all() and not hidden[: 16 - n].any()  # a suffix, the same in every row
+        assert torch.equal(split.weight, (~split.visible).float())  # the loss is exactly on the hidden suffix
+        lengths.add(n)
+    assert min(lengths) <= 4 and max(lengths) == 16  # uniform: short and full suffixes both occur
+    truncnorm = RasterOrdering((4, 4), mask_ratio="truncnorm")
+    assert all(int((~truncnorm.training_split(seq, g).visible[0]).sum()) >= 12 for _ in range(20))  # >= 70%
+    starts = [int(s.predict[0].nonzero()[0]) for s in ordering.sampling_plan(1, 5)]
+    assert starts == sorted(starts) and starts[0] == 0
+
+
+# --------------------------------------------------------------------------------------
+# Multi-scale pyramid
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid, scales", [
+    ((16, 16), None), ((16, 16), VAR_SCALES), ((8, 8), [1, 2, 4, 8]), ((13, 13), None), ((4, 6), [[1, 2], [2, 3], [4, 6]]),
+])
+@pytest.mark.parametrize("residual", [False, True])
+def test_pyramid_shapes_and_round_trip(grid, scales, residual):
+    ordering = MultiscaleOrdering(grid, scales=scales, residual=residual)
+    expect = [(s, s) if isinstance(s, int) else tuple(s) for s in scales] if scales else default_scales(grid)
+    assert ordering.scales == expect and ordering.num_groups == len(expect)
+    x = torch.randn(2, 3, *grid, generator=torch.Generator().manual_seed(0))
+    parts = ordering.pyramid(x)
+    assert [tuple(p.shape) for p in parts] == [(2, 3, h, w) for h, w in expect]
+    seq = ordering.to_sequence(x)
+    assert seq.shape == (2, sum(h * w for h, w in expect), 3) == (2, ordering.seq_len, 3)
+    assert torch.equal(ordering.groups(), torch.repeat_interleave(torch.arange(len(expect)),
+                                                                  torch.tensor([h * w for h, w in expect])))
+    back = ordering.to_grid(seq)
+    if residual:  # the sum of the upsampled residuals is the grid, up to float rounding
+        torch.testing.assert_close(back, x, rtol=0, atol=1e-5)
+    else:  # the finest scale is the grid itself
+        assert torch.equal(back, x)
+        for p, (h, w) in zip(parts, expect):
+            if grid[0] % h == 0 and grid[1] % w == 0:  # area downsampling by whole blocks keeps the mean
+                torch.testing.assert_close(p.mean((2, 3)), x.mean((2, 3)), rtol=0, atol=1e-5)
+
+
+def test_default_scales_and_the_residual_of_a_smooth_grid():
+    assert [s for s, _ in default_scales((16, 16))] == [1, 2, 4, 8, 16]
+    assert [s for s, _ in default_scales((13, 13))] == [1, 2, 4, 8, 13]
+    flat = torch.full((1, 2, 8, 8), 0.7)
+    parts = MultiscaleOrdering((8, 8), residual=True).pyramid(flat)
+    torch.testing.assert_close(parts[0], torch.full((1, 2, 1, 1), 0.7))  # the coarsest scale holds it all
+    assert all(p.abs().max() < 1e-6 for p in parts[1:])  # nothing left for the finer ones
+    x = torch.randn(1, 2, 2, 2)
+    torch.testing.assert_close(downsample(upsample(x, (8, 8), "nearest"), (2, 2)), x)  # area inverts nearest
+
+
+def test_multiscale_training_split_shows_coarser_scales_and_a_guess():
+    ordering = MultiscaleOrdering((8, 8), scale_weighting="uniform")
+    seq = ordering.to_sequence(torch.randn(2, 3, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        split = ordering.training_split(seq, g)
+        scale = ordering.groups()[split.weight[0] > 0].unique()
+        assert len(scale) == 1  # one scale carries the loss
+        k = int(scale)
+        seen.add(k)
+        groups = ordering.groups()
+        assert split.visible[:, groups < k].all() and not split.visible[:, groups > k].any()
+        assert (split.weight[:, groups == k] == 1).all() and (split.weight[:, groups != k] == 0).all()
+        assert torch.equal(split.inputs[:, groups < k], seq[:, groups < k])  # coarser scales: the truth
+        if k > 0:  # scale k starts from the upsampled previous scale (FlowAR: area(bicubic(x_{k-1})))
+            assert split.visible[:, groups == k].all()
+            prev = ordering.split_scales(seq)[k - 1]
+            guess = downsample(upsample(prev, (8, 8), "bicubic"), ordering.scales[k]).flatten(2).transpose(1, 2)
+            torch.testing.assert_close(split.inputs[:, groups == k], guess)
+        else:
+            assert not split.visible[:, groups == 0].any()
+    assert seen == {0, 1, 2, 3}
+    area = MultiscaleOrdering((8, 8))  # default: scales drawn in proportion to their token counts
+    torch.testing.assert_close(area.scale_probs, torch.tensor([1, 4, 16, 64], dtype=torch.float64) / 85)
+
+
+def test_multiscale_sampling_steps_match_training_states():
+    ordering = MultiscaleOrdering((4, 4), scale_steps=[1, 1, 3])
+    plan = ordering.sampling_plan(2, 64, torch.Generator().manual_seed(0))
+    groups = ordering.groups()
+    assert [int(groups[s.predict[0]].unique()) for s in plan] == [0, 1, 2, 2, 2]  # coarse to fine
+    assert [round(s.progress, 2) for s in plan] == [0.2, 0.4, 0.6, 0.8, 1.0]  # CFG ramps over the steps
+    tokens = ordering.to_sequence(torch.randn(2, 3, 4, 4))
+    known = groups.expand(2, -1) < 2
+    inputs, visible = ordering.step_inputs(tokens * known[..., None], known, plan[2])
+    assert visible[:, groups <= 2].all()  # the scale being sampled shows the guess
+    torch.testing.assert_close(inputs[:, groups == 2], ordering.guess(ordering.split_scales(tokens), 2))
+    # training visits the same states: a split scale shows some of its positions with their true values
+    states = {int(ordering.training_split(tokens, torch.Generator().manual_seed(i)).weight[0].sum())
+              for i in range(60)}
+    assert states == {1, 4, 16 - sum(ordering.chunks[2][:1]), 16 - sum(ordering.chunks[2][:2]), 16}
+
+
+def test_scales_are_checked_against_the_token_grid():
+    with pytest.raises(UserError, match="do not end at the token grid 16x16"):
+        MultiscaleOrdering((16, 16), scales=[1, 2, 4, 8])
+    with pytest.raises(UserError, match="grow from coarse to fine"):
+        MultiscaleOrdering((16, 16), scales=[1, 4, 2, 16])
+    with pytest.raises(UserError, match="scale_steps"):
+        MultiscaleOrdering((4, 4), scale_steps=[1, 5, 1])
+
+
+# --------------------------------------------------------------------------------------
+# End to end: tiny train -> sample per ordering, through the shared cores
+# --------------------------------------------------------------------------------------
+def tiny_recipe(tmp_path, ordering: dict):
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["ordering"] = ordering
+    recipe["train"].update(steps=4, ckpt_every=4)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return recipe_parser().parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("ordering", [
+    {"class_path": "RasterOrdering"},
+    {"class_path": "MultiscaleOrdering", "init_args": {"scale_steps": [1, 2, 2]}},
+    {"class_path": "MultiscaleOrdering", "init_args": {"scales": [1, 2, 4], "residual": True}},
+], ids=["raster", "multiscale", "multiscale-residual"])
+def test_train_and_sample_each_ordering(tmp_path, ordering):
+    summary = train(tiny_recipe(tmp_path, ordering), tmp_path / "run", progress=False)
+    assert summary["step"] == 4
+    exp, model, _ = load_run(tmp_path / "run")
+    assert type(exp.ordering).__name__ == ordering["class_path"]
+    steps = []
+    images = generate(exp, torch.arange(3), num_iter=3, cfg=2.0, model=model,
+                      generator=torch.Generator().manual_seed(0), on_step=lambda s: steps.append(s.known.clone()))
+    assert images.shape == (3, 3, 8, 8) and torch.isfinite(images).all()
+    assert steps[-1].all() and all((a <= b).all() for a, b in zip(steps, steps[1:]))  # known only grows
+
+
+def test_quickstart_recipes_build(tmp_path):
+    for name, L in (("quickstart_raster", 64), ("quickstart_multiscale", 85)):
+        cfg = recipe_parser().parse_args(["--config", str(REPO / "recipes" / f"{name}.yaml")])
+        exp = build(cfg)
+        assert exp.ordering.seq_len == L and exp.model.transformer.num_groups == exp.ordering.num_groups
+
+
+def test_bad_scales_are_one_error_line(tmp_path, capsys):
+    from sandbox.cli import main
+
+    path = tmp_path / "r.yaml"
+    recipe = copy.deepcopy(TINY_RECIPE)  # 8 px digits, 2x2 patches: a 4x4 token grid
+    recipe["ordering"] = {"class_path": "MultiscaleOrdering", "init_args": {"scales": [1, 2, 4, 8]}}
+    path.write_text(yaml.safe_dump(recipe))
+    code = main(["train", "--config", str(path), "--run_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "token grid 4x4" in err[0]
+    assert not (tmp_path / "r").exists()
