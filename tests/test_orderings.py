@@ -74,7 +74,8 @@ def test_raster_trains_on_a_suffix_and_samples_in_order():
 # Multi-scale pyramid
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid, scales", [
-    ((16, 16), None), ((16, 16), VAR_SCALES), ((8, 8), [1, 2, 4, 8]), ((13, 13), None), ((4, 6), [[1, 2], [2, 3], [4, 6]]),
+    ((16, 16), None), ((16, 16), VAR_SCALES), ((8, 8), [1, 2, 4, 8]), ((13, 13), None),
+    ((4, 6), [[1, 2], [2, 3], [4, 6]]),
 ])
 @pytest.mark.parametrize("residual", [False, True])
 def test_pyramid_shapes_and_round_trip(grid, scales, residual):
@@ -132,8 +133,10 @@ def test_multiscale_training_split_shows_coarser_scales_and_a_guess():
         else:
             assert not split.visible[:, groups == 0].any()
     assert seen == {0, 1, 2, 3}
-    area = MultiscaleOrdering((8, 8))  # default: scales drawn in proportion to their token counts
+    area = MultiscaleOrdering((8, 8), scale_weighting="area")  # scales drawn in proportion to their token counts
     torch.testing.assert_close(area.scale_probs, torch.tensor([1, 4, 16, 64], dtype=torch.float64) / 85)
+    sqrt = MultiscaleOrdering((8, 8))  # the default: in proportion to the side (square scales)
+    torch.testing.assert_close(sqrt.scale_probs, torch.tensor([1, 2, 4, 8], dtype=torch.float64) / 15)
 
 
 def test_multiscale_sampling_steps_match_training_states():
