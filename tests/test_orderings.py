@@ -177,21 +177,78 @@ def tiny_recipe(tmp_path, ordering: dict):
     return recipe_parser().parse_args(["--config", str(path)])
 
 
-@pytest.mark.parametrize("ordering", [
+ORDERINGS = [
+    {"class_path": "RandomOrdering"},
     {"class_path": "RasterOrdering"},
     {"class_path": "MultiscaleOrdering", "init_args": {"scale_steps": [1, 2, 2]}},
     {"class_path": "MultiscaleOrdering", "init_args": {"scales": [1, 2, 4], "residual": True}},
-], ids=["raster", "multiscale", "multiscale-residual"])
+]
+ORDERING_IDS = ["random", "raster", "multiscale", "multiscale-residual"]
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS, ids=ORDERING_IDS)
+def test_training_masks_agree_with_the_split(tmp_path, ordering):
+    """Through the training core: the encoder gets exactly the split's visible positions and inputs, the head
+    exactly the targets of the positions with loss weight, and no loss position shows its own target."""
+    from sandbox.train import training_loss
+
+    exp = build(tiny_recipe(tmp_path, ordering))
+    seen = {}
+    split_of, forward_encoder, head_loss = exp.ordering.training_split, exp.model.transformer.forward_encoder, \
+        exp.model.head.loss
+
+    def spy_split(seq, generator=None):
+        seen["seq"], seen["split"] = seq, split_of(seq, generator)
+        return seen["split"]
+
+    def spy_encoder(tokens, visible, cond):
+        seen["tokens"], seen["visible"] = tokens, visible
+        return forward_encoder(tokens, visible, cond)
+
+    def spy_head(target, cond, generator=None):
+        seen["target"] = target
+        return head_loss(target, cond, generator)
+
+    exp.ordering.training_split, exp.model.transformer.forward_encoder, exp.model.head.loss = \
+        spy_split, spy_encoder, spy_head
+    g = torch.Generator().manual_seed(0)
+    groups = exp.ordering.groups()
+    images, labels = next(iter(torch.utils.data.DataLoader(exp.dataset, batch_size=4)))
+    for _ in range(12):  # several draws: different mask ratios, suffixes, scales
+        loss = training_loss(exp, exp.model, images, labels, g)
+        seq, split = seen["seq"], seen["split"]
+        assert torch.isfinite(loss)
+        assert torch.equal(seen["visible"], split.visible) and torch.equal(seen["tokens"], split.inputs)
+        rows = split.weight > 0  # (B, L)
+        mul = exp.model.transformer.config.head_batch_mul
+        assert torch.equal(seen["target"], seq[rows].repeat(mul, 1))
+        shown = split.visible & (split.inputs == seq).all(-1)  # (B, L) positions whose true value is shown
+        assert not (rows & shown).any()
+        if exp.ordering.num_groups == 1:  # flat orderings: the loss is exactly on the hidden positions
+            assert torch.equal(rows, ~split.visible)
+        else:  # multiscale: one scale carries the loss, every coarser scale is shown as it is
+            k = int(groups[rows.any(0)].max())
+            assert (groups[rows.any(0)] == k).all() and shown[:, groups < k].all()
+            assert not split.visible[:, groups > k].any()
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS, ids=ORDERING_IDS)
 def test_train_and_sample_each_ordering(tmp_path, ordering):
     summary = train(tiny_recipe(tmp_path, ordering), tmp_path / "run", progress=False)
     assert summary["step"] == 4
     exp, model, _ = load_run(tmp_path / "run")
     assert type(exp.ordering).__name__ == ordering["class_path"]
-    steps = []
+    states = []
     images = generate(exp, torch.arange(3), num_iter=3, cfg=2.0, model=model,
-                      generator=torch.Generator().manual_seed(0), on_step=lambda s: steps.append(s.known.clone()))
+                      generator=torch.Generator().manual_seed(0),
+                      on_step=lambda s: states.append((s.step.predict.clone(), s.known.clone())))
     assert images.shape == (3, 3, 8, 8) and torch.isfinite(images).all()
-    assert steps[-1].all() and all((a <= b).all() for a, b in zip(steps, steps[1:]))  # known only grows
+    known = torch.zeros(3, exp.ordering.seq_len, dtype=torch.bool)
+    for predict, after in states:  # each step samples positions not known yet, and only those become known
+        assert predict.any(1).all() and not (predict & known).any()
+        known = known | predict
+        assert torch.equal(after, known)
+    assert known.all()  # every position was predicted exactly once
 
 
 def test_quickstart_recipes_build(tmp_path):
@@ -199,6 +256,19 @@ def test_quickstart_recipes_build(tmp_path):
         cfg = recipe_parser().parse_args(["--config", str(REPO / "recipes" / f"{name}.yaml")])
         exp = build(cfg)
         assert exp.ordering.seq_len == L and exp.model.transformer.num_groups == exp.ordering.num_groups
+
+
+def test_multiscale_paper_recipe_is_mar_base_with_another_ordering():
+    """Parsed, not built (that needs ImageNet and kl16.ckpt): MAR-B's recipe but for the ordering and sampling."""
+    parsed = {}
+    for name in ("mar_base_in256", "mar_base_multiscale_in256"):
+        parsed[name] = recipe_parser().parse_args(["--config", str(REPO / "recipes" / f"{name}.yaml")]).as_dict()
+    base, multi = parsed["mar_base_in256"], parsed["mar_base_multiscale_in256"]
+    for key in ("data", "tokenizer", "head", "model", "train"):
+        assert multi[key] == base[key], key
+    init = multi["ordering"]["init_args"]
+    ordering = MultiscaleOrdering((16, 16), **init)  # KL-16 at 256 px: a 16x16 token grid
+    assert ordering.scales[-1] == (16, 16) and ordering.seq_len == 341
 
 
 def test_bad_scales_are_one_error_line(tmp_path, capsys):
