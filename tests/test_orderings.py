@@ -15,7 +15,8 @@ from plugins.orderings.raster import RasterOrdering
 from sandbox.errors import UserError
 from sandbox.generate import generate
 from sandbox.recipe import build, recipe_parser
-from sandbox.testing import check_ordering
+from sandbox.kinds import TrainingSplit
+from sandbox.testing import ContractError, check_ordering
 from sandbox.train import load_run, train
 
 VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's ImageNet-256 list (VAR sec. 4)
@@ -26,9 +27,9 @@ VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's ImageNet-256 list (VAR s
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("factory, grid, init_args", [
     (RandomOrdering, (4, 4), {}),
-    (RasterOrdering, (4, 4), {}),
+    (RasterOrdering, (4, 4), {"mask_ratio": "uniform"}),  # the defaults (empty init_args mean contract_args)
     (RasterOrdering, (3, 5), {"mask_ratio": "uniform", "mask_ratio_min": 0.5}),
-    (MultiscaleOrdering, (4, 4), {}),
+    (MultiscaleOrdering, (4, 4), {"residual": False}),
     (MultiscaleOrdering, (4, 6), {"scales": [[1, 1], [2, 3], [4, 6]], "upsample": "bilinear"}),
     (MultiscaleOrdering, (8, 8), {"scale_steps": [1, 2, 3, 5], "scale_weighting": "uniform"}),
     (MultiscaleOrdering, (8, 8), {"scales": [2, 4, 8], "scale_steps": [3, 1, 4], "residual": True}),
@@ -36,6 +37,19 @@ VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's ImageNet-256 list (VAR s
 ])
 def test_contract_on_more_settings(factory, grid, init_args):
     check_ordering(factory, grid=grid, num_iters=(1, 4, 300), **init_args)
+
+
+class PeekingOrdering(RasterOrdering):
+    """Shows the encoder the true values of the suffix it takes the loss on: the kit must refuse it."""
+
+    def training_split(self, seq, generator=None):
+        split = super().training_split(seq, generator)
+        return TrainingSplit(inputs=split.inputs, visible=torch.ones_like(split.visible), weight=split.weight)
+
+
+def test_the_kit_refuses_a_split_that_shows_the_loss_targets():
+    with pytest.raises(ContractError, match="true value of .* position.*carry loss"):
+        check_ordering(PeekingOrdering, mask_ratio="uniform")
 
 
 def test_every_position_is_predicted_once_with_one_token_per_step_at_num_iter_L():
@@ -251,9 +265,18 @@ def test_train_and_sample_each_ordering(tmp_path, ordering):
     assert known.all()  # every position was predicted exactly once
 
 
-def test_quickstart_recipes_build(tmp_path):
+def test_quickstart_recipes_are_the_quickstart_with_another_ordering(tmp_path):
+    from sandbox.cli import expand_bases
+
+    def parse(name):
+        return recipe_parser().parse_args(expand_bases(["--config", str(REPO / "recipes" / f"{name}.yaml")]))
+
+    quickstart = parse("quickstart").as_dict()
     for name, L in (("quickstart_raster", 64), ("quickstart_multiscale", 85)):
-        cfg = recipe_parser().parse_args(["--config", str(REPO / "recipes" / f"{name}.yaml")])
+        cfg = parse(name)
+        composed = cfg.as_dict()
+        for key in ("data", "tokenizer", "head", "model", "train", "sample", "seed"):  # the same budget
+            assert composed[key] == quickstart[key], key
         exp = build(cfg)
         assert exp.ordering.seq_len == L and exp.model.transformer.num_groups == exp.ordering.num_groups
 
