@@ -39,8 +39,8 @@ def test_contract_on_more_settings(factory, grid, init_args):
     check_ordering(factory, grid=grid, num_iters=(1, 4, 300), **init_args)
 
 
-class PeekingOrdering(RasterOrdering):
-    """Shows the encoder the true values of the suffix it takes the loss on: the kit must refuse it."""
+class _PeekingOrdering(RasterOrdering):
+    """(Leading underscore: a broken test double, never a registered plugin.) Shows the encoder the true values of the suffix it takes the loss on: the kit must refuse it."""
 
     def training_split(self, seq, generator=None):
         split = super().training_split(seq, generator)
@@ -49,7 +49,7 @@ class PeekingOrdering(RasterOrdering):
 
 def test_the_kit_refuses_a_split_that_shows_the_loss_targets():
     with pytest.raises(ContractError, match="true value of .* position.*carry loss"):
-        check_ordering(PeekingOrdering, mask_ratio="uniform")
+        check_ordering(_PeekingOrdering, mask_ratio="uniform")
 
 
 def test_every_position_is_predicted_once_with_one_token_per_step_at_num_iter_L():
