@@ -13,7 +13,7 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,8 +42,10 @@ class StepState:
 
 
 @torch.no_grad()
-def generate(
-    exp,
+def sample_tokens(
+    model,
+    ordering,
+    token_dim: int,
     labels: Tensor | None,
     num_images: int | None = None,
     num_iter: int = 64,
@@ -51,23 +53,22 @@ def generate(
     cfg_schedule: str = "linear",
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    model=None,
     progress: bool = False,
     on_step: Callable[[StepState], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Generate images (B,3,H,W) in [-1,1] for ``labels`` (B,) (or ``num_images`` unconditional ones).
+    """Token sequences (B, L, C) for ``labels`` (B,) (or ``num_images`` unconditional ones): the sampling core.
 
-    ``exp`` is a built ``Experiment``; ``model`` overrides ``exp.model`` (e.g. with EMA weights).
+    ``model`` is a ``MAR`` (transformer + head), ``ordering`` gives the plan.
     """
-    model = exp.model if model is None else model
-    transformer, head, ordering = model.transformer, model.head, exp.ordering
+    transformer, head = model.transformer, model.head
     device = next(model.parameters()).device
     B = labels.shape[0] if labels is not None else int(num_images)
-    L, C = ordering.seq_len, exp.tokenizer.token_dim
+    L, C = ordering.seq_len, token_dim
     guided = cfg != 1.0 and labels is not None
     if labels is not None:
         labels = labels.to(device)
+        labels2 = torch.cat([labels, labels]) if guided else labels  # (2B,) conditional rows, then fake-latent rows
 
     plan = ordering.sampling_plan(B, num_iter, generator, device)
     tokens = torch.zeros(B, L, C, device=device)  # (B, L, C)
@@ -78,8 +79,7 @@ def generate(
         inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
         with amp:
             if guided:  # one pass for both branches: conditional rows first, then the fake-latent rows
-                z = transformer(torch.cat([inputs, inputs]), torch.cat([visible, visible]),
-                                torch.cat([labels, labels]), uncond)  # (2B, L, D)
+                z = transformer(torch.cat([inputs, inputs]), torch.cat([visible, visible]), labels2, uncond)  # (2B, L, D)
                 cond, unc = z[:B][step.predict], z[B:][step.predict]  # (N, D) each
             else:
                 cond, unc = transformer(inputs, visible, labels)[step.predict], None  # (N, D)
@@ -91,8 +91,20 @@ def generate(
         known |= step.predict
         if on_step is not None:
             on_step(StepState(i, step, tokens, known))
-    latent = exp.tokenizer.from_tokens(ordering.to_grid(tokens))  # (B, c, h*p, w*p)
-    return exp.tokenizer.decode(latent).float()  # (B, 3, H, W)
+    return tokens
+
+
+def generate(exp, labels: Tensor | None, num_images: int | None = None, model=None, **kwargs) -> Tensor:
+    """Generate images (B,3,H,W) in [-1,1] for ``labels`` (B,) (or ``num_images`` unconditional ones).
+
+    ``exp`` is a built ``Experiment``; ``model`` overrides ``exp.model`` (e.g. with EMA weights);
+    ``kwargs`` are those of ``sample_tokens`` (num_iter, cfg, cfg_schedule, temperature, generator, ...).
+    """
+    model = exp.model if model is None else model
+    tokens = sample_tokens(model, exp.ordering, exp.tokenizer.token_dim, labels, num_images, **kwargs)  # (B, L, C)
+    with torch.no_grad():
+        latent = exp.tokenizer.from_tokens(exp.ordering.to_grid(tokens))  # (B, c, h*p, w*p)
+        return exp.tokenizer.decode(latent).float()  # (B, 3, H, W)
 
 
 def balanced_labels(num_images: int, num_classes: int, device="cpu") -> Tensor:
@@ -100,12 +112,50 @@ def balanced_labels(num_images: int, num_classes: int, device="cpu") -> Tensor:
     return torch.arange(num_images, device=device) % num_classes
 
 
+def chunk_generator(seed: int, k: int, device) -> torch.Generator:
+    """The generator of sampling chunk k: chunks are seeded by their index, not by who samples them."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + k)
+
+
+def generate_chunks(exp, labels: Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                    progress: bool = False, **kwargs) -> Iterator[tuple[int, Tensor]]:
+    """(k, images of chunk k) for the chunks ``labels.split(batch_size)`` that ``rank`` owns (k % world_size).
+
+    Chunk k is seeded by (seed, k) whoever samples it, so the images are the same for any number
+    of ranks (given the same ``batch_size``). For evaluations that reduce images to features
+    per rank (e.g. FID) without gathering the images.
+    """
+    chunks = labels.split(batch_size)
+    mine = range(rank, len(chunks), world_size)
+    device = next((kwargs.get("model") or exp.model).parameters()).device
+    for k in tqdm(mine, desc="batches", disable=not progress or len(mine) <= 1):
+        images = generate(exp, chunks[k], generator=chunk_generator(seed, k, device),
+                          progress=progress and len(mine) == 1, **kwargs)
+        yield k, images.cpu()
+
+
 def generate_many(exp, labels: Tensor, batch_size: int, seed: int, progress: bool = False, **kwargs) -> Tensor:
-    """Generate in batches; image i of batch k uses generator seed (seed, k), so a seed fixes the set."""
-    out = []
-    batches = labels.split(batch_size)
-    for k, lab in enumerate(tqdm(batches, desc="batches", disable=not progress or len(batches) == 1)):
-        device = next((kwargs.get("model") or exp.model).parameters()).device
-        g = torch.Generator(device).manual_seed(seed * 1_000_003 + k)
-        out.append(generate(exp, lab, generator=g, progress=progress and len(batches) == 1, **kwargs).cpu())
-    return torch.cat(out)
+    """Generate in batches of ``batch_size``; batch k uses generator seed (seed, k), so a seed fixes the set."""
+    return torch.cat([images for _, images in generate_chunks(exp, labels, batch_size, seed, progress=progress,
+                                                              **kwargs)])
+
+
+def generate_distributed(exp, labels: Tensor, batch_size: int, seed: int, dst: int | None = 0,
+                         progress: bool = False, **kwargs) -> Tensor | None:
+    """``generate_many`` split over the ranks of the current process group; every rank must call it.
+
+    Ranks sample interleaved chunks and the images are gathered, in index order, on rank ``dst``
+    (None on the others), or on every rank with ``dst=None``. Identical to ``generate_many`` for
+    any number of ranks. Without a process group it is ``generate_many``.
+    """
+    from sandbox import distributed
+
+    me = distributed.info()
+    if not me.enabled:
+        return generate_many(exp, labels, batch_size, seed, progress=progress, **kwargs)
+    mine = list(generate_chunks(exp, labels, batch_size, seed, me.rank, me.world_size,
+                                progress=progress and me.is_main, **kwargs))
+    gathered = distributed.gather_objects(mine, dst)
+    if gathered is None:
+        return None
+    return torch.cat([images for _, images in sorted((c for part in gathered for c in part), key=lambda c: c[0])])

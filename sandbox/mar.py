@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from sandbox.errors import UserError
 
 
 @dataclass
@@ -41,6 +45,51 @@ class MARConfig:
     norm_eps: float = 1e-6  # official mar_base/large/huge build blocks with LayerNorm(eps=1e-6)
     head_batch_mul: int = 4  # official diffusion_batch_mul: each loss token is seen by the head 4x per step
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # torch SDPA picks flash/mem-efficient kernels itself
+
+
+# --------------------------------------------------------------------------------------
+# Attention with a selectable kernel
+# --------------------------------------------------------------------------------------
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a build that does not match this torch
+        return False
+    return True
+
+
+class MARAttention(Attention):
+    """timm's ``Attention`` (same parameters, same math) whose kernel is ``backend``: ``sdpa`` runs timm's own
+    forward (torch ``scaled_dot_product_attention``); ``xformers`` calls xformers' memory-efficient kernel."""
+
+    backend: str = "sdpa"
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if self.backend == "sdpa" or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        import xformers.ops as xops
+
+        if x.device.type != "cuda":
+            raise UserError("the xformers attention backend runs on CUDA only; use attention 'sdpa' on the CPU")
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x (B, N, H, d)
+        out = xops.memory_efficient_attention(q, k, v, p=self.attn_drop.p if self.training else 0.0)  # (B, N, H, d)
+        return self.proj_drop(self.proj(out.reshape(B, N, self.attn_dim)))  # (B, N, D)
+
+
+def set_attention_backend(transformer: nn.Module, backend: str) -> None:
+    """Switch every ``MARAttention`` in ``transformer`` to ``backend`` (a clear error if xformers is missing)."""
+    if backend not in ("sdpa", "xformers"):
+        raise UserError(f"unknown attention backend {backend!r}; use 'sdpa' or 'xformers'")
+    if backend == "xformers" and not xformers_available():
+        raise UserError("attention backend 'xformers' requested but xformers is not installed (or does not load); "
+                        "`pip install xformers` on a CUDA machine, or use --model.attention sdpa")
+    for m in transformer.modules():
+        if isinstance(m, MARAttention):
+            m.backend = backend
+    if hasattr(transformer, "config"):
+        transformer.config.attention = backend
 
     def __post_init__(self):  # checked when the recipe is built, before a run directory is written
         for part in ("encoder", "decoder"):
@@ -73,7 +122,7 @@ class MARTransformer(nn.Module):
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq_len, D))
         self.encoder_blocks = nn.ModuleList(
             Block(D, cfg.encoder_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm,
-                  proj_drop=cfg.proj_dropout, attn_drop=cfg.attn_dropout)
+                  proj_drop=cfg.proj_dropout, attn_drop=cfg.attn_dropout, attn_layer=MARAttention)
             for _ in range(cfg.encoder_depth)
         )
         self.encoder_norm = norm(D)
@@ -84,7 +133,7 @@ class MARTransformer(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buf + seq_len, Dd))
         self.decoder_blocks = nn.ModuleList(
             Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm,
-                  proj_drop=cfg.proj_dropout, attn_drop=cfg.attn_dropout)
+                  proj_drop=cfg.proj_dropout, attn_drop=cfg.attn_dropout, attn_layer=MARAttention)
             for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = norm(Dd)
@@ -99,6 +148,7 @@ class MARTransformer(nn.Module):
         self.register_buffer("groups", torch.zeros(seq_len, dtype=torch.long), persistent=False)
 
         self.initialize_weights()
+        set_attention_backend(self, cfg.attention)
 
     def initialize_weights(self) -> None:
         # official MAR init: N(0, 0.02) embeddings, xavier-uniform linears, unit LayerNorms

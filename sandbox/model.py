@@ -52,3 +52,19 @@ class MAR(nn.Module):
             per_row = self.head.loss(target.repeat(mul, 1), cond.repeat(mul, 1), generator)  # (mul*N,)
         weight = weight.repeat(mul).to(per_row.dtype)
         return (per_row * weight).sum() / weight.sum()
+
+
+def compile_blocks(model: MAR) -> None:
+    """``torch.compile`` the repeated blocks in place (transformer blocks, the head's network), not the whole model.
+
+    The whole forward has data-dependent shapes (how many tokens are visible, how many carry loss),
+    which would break the graph at every boolean index; the blocks see only dynamic sizes, which
+    ``dynamic=True`` handles without recompiling per mask ratio. In place (``Module.compile``), so
+    parameter names and checkpoints do not change.
+    """
+    for blk in list(model.transformer.encoder_blocks) + list(model.transformer.decoder_blocks):
+        blk.compile(dynamic=True)
+    net = getattr(model.head, "net", None)
+    if isinstance(net, nn.Module):
+        for block in getattr(net, "res_blocks", []):
+            block.compile(dynamic=True)

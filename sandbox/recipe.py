@@ -39,6 +39,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # official EMA for the long ImageNet runs
     ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)): a short run's EMA forgets the random init
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the blocks; pays a one-off compile for faster steps on long runs
     device: str = "auto"  # auto: cuda if available, else cpu
     num_workers: int = 0  # data loader processes; 0 keeps in-memory datasets fastest
     log_every: int = 10  # steps between metrics-log lines

@@ -25,12 +25,13 @@ from jsonargparse import Namespace
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sandbox import __version__
+from sandbox import __version__, distributed
 from sandbox.checkpoint import RunDir
 from sandbox.diagnostics import run_warnings
 from sandbox.errors import UserError
 from sandbox.generate import generate_many
 from sandbox.images import save_grid
+from sandbox.mar import xformers_available
 from sandbox.recipe import Experiment, TrainConfig, build, instantiate, parse_recipe, recipe_dict
 from sandbox.reliability import BestMetric, NonFiniteGuard
 
@@ -39,7 +40,11 @@ from sandbox.reliability import BestMetric, NonFiniteGuard
 # good checkpoint; `plugins` only says where the plugin files are, class paths and init_args say what is trained)
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_workers",
                   "train.device", "train.keep_checkpoints", "train.best_metric", "train.max_nonfinite_steps",
-                  "train.precision", "train.head_fp32", "sample", "plugins"}
+                  "train.precision", "train.head_fp32", "sample", "plugins",
+                  # how the global batch is split (per-rank batch x ranks x accumulation) and how it is computed;
+                  # the global batch itself is checked against the checkpoint's
+                  "train.batch_size", "train.grad_accum", "train.compile", "model.grad_checkpointing",
+                  "model.attention", "head.init_args.grad_checkpointing"}
 
 
 # --------------------------------------------------------------------------------------
@@ -107,34 +112,41 @@ def ema_decay_at(step: int, tc: TrainConfig) -> float:
 # Data: epoch-seeded permutations that can restart at any step
 # --------------------------------------------------------------------------------------
 class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Batches of indices from per-epoch permutations seeded by (seed, epoch), starting at any micro-batch.
+    """One rank's micro-batches of per-epoch permutations seeded by (seed, epoch), from any micro-batch on.
 
-    Like ``DistributedSampler`` (rank r takes its slice of every global batch),
-    plus what it lacks: restarting in the middle of an epoch, so a resumed run
-    sees exactly the batches an uninterrupted one would.
+    Replaces ``DistributedSampler``, which deals each rank every world_size-th index of the
+    permutation (so what a rank sees depends on how many ranks there are) and can only start an
+    epoch at its beginning. Here each global batch (batch_size x world_size x accum images) is a
+    contiguous slice of the permutation, cut into world_size x accum micro-batches; global
+    micro-batch j = a * world_size + rank goes to ``rank`` at accumulation step a. So the same
+    global batches are drawn whatever the split into ranks and accumulation steps, and a resumed
+    run -- on any number of ranks -- continues exactly where the last one stopped.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                 accum: int = 1):
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = batch_size * world_size
+        self.rank, self.world_size, self.accum = rank, world_size, accum
+        self.global_batch = batch_size * world_size * accum
         if n < self.global_batch:
-            raise UserError(f"the dataset has {n} images, fewer than one global batch ({self.global_batch}); "
-                            "lower --train.batch_size")
-        self.per_epoch = n // self.global_batch  # drop the ragged end, as the official loader does
+            raise UserError(f"the dataset has {n} images, fewer than one global batch ({self.global_batch} = "
+                            f"{batch_size} per rank x {world_size} ranks x {accum} accumulation steps); "
+                            "lower --train.batch_size or --train.grad_accum")
+        self.per_epoch = n // self.global_batch  # optimizer steps per epoch; the ragged end is dropped (official)
 
     def __iter__(self):
-        k = self.start
+        k = self.start  # this rank's micro-batch counter: step * accum + a
         while True:
-            epoch, j = divmod(k, self.per_epoch)
+            epoch, rest = divmod(k, self.per_epoch * self.accum)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            for jj in range(j, self.per_epoch):
-                lo = jj * self.global_batch + self.rank * self.batch_size
+            for kk in range(rest, self.per_epoch * self.accum):
+                s, a = divmod(kk, self.accum)
+                lo = s * self.global_batch + (a * self.world_size + self.rank) * self.batch_size
                 yield perm[lo : lo + self.batch_size].tolist()
-            k = (epoch + 1) * self.per_epoch
+            k = (epoch + 1) * self.per_epoch * self.accum
 
     def __len__(self) -> int:  # infinite stream; len is one epoch for DataLoader's bookkeeping
-        return self.per_epoch
+        return self.per_epoch * self.accum
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -144,8 +156,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def batches(dataset, tc: TrainConfig, seed: int, start_micro: int, device: torch.device):
-    sampler = ResumableBatchSampler(len(dataset), tc.batch_size, seed, start_micro)
+def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.device,
+            dist_info: distributed.DistInfo = distributed.DistInfo()):
+    start_micro = start_step * tc.grad_accum
+    sampler = ResumableBatchSampler(len(dataset), tc.batch_size, seed, start_micro, dist_info.rank,
+                                    dist_info.world_size, tc.grad_accum)
     # the loader draws its worker base seed from `generator`, not from the global RNG that dropout uses
     # (otherwise creating it after a resume would shift every later dropout mask)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
@@ -185,6 +200,18 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_micro_batch(generator: torch.Generator, seed: int, step: int, micro: int) -> None:
+    """Seed the randomness of global micro-batch ``micro`` of ``step``: the trainer's generator (masks,
+    label drop, timesteps, noise) and torch's global RNG (dropout).
+
+    Keyed by what is computed rather than by who computes it, so 1 process with accumulation 2 and
+    2 processes without draw the same numbers for the same images, and a resumed run (on any
+    number of ranks) draws what an uninterrupted one would without restoring RNG state.
+    """
+    generator.manual_seed(distributed.derive_seed(seed, step, micro))
+    torch.manual_seed(distributed.derive_seed(seed, step, micro, "dropout"))
 
 
 def _differences(a, b, prefix="") -> list[str]:
@@ -235,7 +262,14 @@ def checkpoint_reserve(model: nn.Module, tc: TrainConfig) -> int:
 
 
 def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
-    """Train (or resume) the recipe ``cfg`` in ``run_dir``. Returns a summary dict."""
+    """Train (or resume) the recipe ``cfg`` in ``run_dir``. Returns a summary dict (``model``: the trained module).
+
+    Under torchrun (see ``sandbox.distributed.session``) every rank runs this function: the model is
+    wrapped in DistributedDataParallel, each rank takes its slices of every global batch, and rank 0
+    alone writes the run directory (recipe, metrics, checkpoints, grids).
+    """
+    dist_info = distributed.info()
+    main = dist_info.is_main
     run = RunDir(run_dir)
     recipe = recipe_dict(cfg)
     if run.exists():
@@ -244,30 +278,41 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
             raise UserError(f"run directory {run.root} holds a different recipe ({'; '.join(diffs[:3])}); "
                             "use a new --run_dir or the stored recipe")
     tc: TrainConfig = instantiate(cfg, "train")
-    device = resolve_device(tc.device)
+    if tc.grad_accum < 1:
+        raise UserError(f"--train.grad_accum must be >= 1, got {tc.grad_accum}")
+    device = distributed.local_device(resolve_device(tc.device))
     amp_dtype = autocast_dtype(tc.precision, device)
     exp = build(cfg)
     exp.model.head_fp32 = tc.head_fp32
-    ResumableBatchSampler(len(exp.dataset), tc.batch_size, cfg.seed)  # can the data fill a batch? (before any write)
-    run.create(reserve_bytes=checkpoint_reserve(exp.model, tc))
-    run.write_recipe(recipe)
+    # can the data fill a global batch? (before any write)
+    ResumableBatchSampler(len(exp.dataset), tc.batch_size, cfg.seed, 0, 0, dist_info.world_size, tc.grad_accum)
+    if main:
+        run.create(reserve_bytes=checkpoint_reserve(exp.model, tc))
+        run.write_recipe(recipe)
 
-    model = exp.model.to(device)
+    core = exp.model.to(device)  # the module itself; `model` is what the loop calls (DDP-wrapped on several ranks)
     exp.tokenizer.to(device)
-    for warning in run_warnings(exp, cfg.seed, device):  # latent std far from 1, tokens large for the head
-        print(warning, file=sys.stderr, flush=True)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    peak_lr = base_lr(tc)
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr, betas=tuple(tc.betas))
+    if main:  # rank 0 reports
+        for warning in run_warnings(exp, cfg.seed, device):  # latent std far from 1, tokens large for the head
+            print(warning, file=sys.stderr, flush=True)
+    ema = copy.deepcopy(core).eval().requires_grad_(False)
+    global_batch = tc.batch_size * dist_info.world_size * tc.grad_accum
+    peak_lr = base_lr(tc, dist_info.world_size)
+    opt = torch.optim.AdamW(param_groups(core, tc.weight_decay), lr=peak_lr, betas=tuple(tc.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # dropout draws from the global generator; its state is checkpointed too
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # reseeded per micro-batch (seed_micro_batch)
 
     step, guard, best = 0, NonFiniteGuard(tc.max_nonfinite_steps), BestMetric(tc.best_metric)
     ckpt = run.load_latest(map_location=device)
     if ckpt is not None:
+        stored_batch = ckpt.get("global_batch")
+        if stored_batch is not None and stored_batch != global_batch:
+            raise UserError(
+                f"{run.root} was trained with a global batch of {stored_batch} images (per-rank batch x ranks x "
+                f"grad_accum) but this run gives {tc.batch_size} x {dist_info.world_size} x {tc.grad_accum} = "
+                f"{global_batch}; resume with the same global batch (e.g. change --train.grad_accum)")
         try:
-            model.load_state_dict(ckpt["model"])
+            core.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
         except RuntimeError as e:
             raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this model: {str(e).splitlines()[0]}") from e
@@ -278,10 +323,21 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         if "guards" in ckpt:
             guard.load_state_dict(ckpt["guards"]["nonfinite"])
             best.load_state_dict(ckpt["guards"]["best"])
-        set_rng_state(ckpt["rng"], generator)
-        run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
-        print(f"resuming {run.root} from step {step} ({run.loaded_path.name})")
+        if main:
+            run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
+            print(f"resuming {run.root} from step {step} ({run.loaded_path.name})")
     last_good = run.loaded_path  # named when the run stops on non-finite numbers
+
+    if tc.compile:
+        from sandbox.model import compile_blocks
+
+        compile_blocks(core)
+    model = core
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP broadcasts rank 0's weights at construction and averages gradients in backward
+        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(why: str = "interval") -> None:
         """Save; ``why``: "interval" (skipped during a streak of non-finite steps, so the newest checkpoint
@@ -290,11 +346,14 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         nonlocal last_good
         if why == "interval" and guard.consecutive:
             return
-        is_best = best.close_interval(step) if why != "signal" else False
+        is_best = best.close_interval(step) if why != "signal" else False  # every rank keeps the same state
+        if not main:  # rank 0 writes; the weights are the same on every rank
+            return
         last_good = run.save({
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "model": core.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "skipped": guard.total, "rng": rng_state(generator),
             "guards": {"nonfinite": guard.state_dict(), "best": best.state_dict()},
+            "global_batch": global_batch, "world_size": dist_info.world_size,
             "recipe": recipe, "meta": exp.meta, "version": __version__,
         }, step, tc.keep_checkpoints, best=is_best)
 
@@ -310,28 +369,38 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         return path
 
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    data = batches(exp.dataset, tc, cfg.seed, step * tc.grad_accum, device)
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    data = batches(exp.dataset, tc, cfg.seed, step, device, dist_info)
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     model.train()
     with _StopRequested() as stop:
-        while step < tc.steps and stop.signal is None:
+        stopping = False
+        while step < tc.steps and not stopping:
             lr = lr_at(step, tc, peak_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             total = 0.0
-            for _ in range(tc.grad_accum):
+            for a in range(tc.grad_accum):
                 images, labels = next(data)
-                with amp:
-                    loss = training_loss(exp, model, images, labels, generator) / tc.grad_accum
-                scaler.scale(loss).backward()
+                seed_micro_batch(generator, cfg.seed, step, a * dist_info.world_size + dist_info.rank)
+                # gradients are averaged over the ranks once per optimizer step, not per micro-batch
+                sync = a == tc.grad_accum - 1 or not dist_info.enabled
+                with nullcontext() if sync else model.no_sync():
+                    with amp:
+                        loss = training_loss(exp, model, images, labels, generator) / tc.grad_accum
+                    scaler.scale(loss).backward()
                 total += loss.item()
-                seen += images.shape[0]
+                seen += images.shape[0] * dist_info.world_size
+            # one small all-reduce: the mean loss over the ranks (logged, and checked by the guard, so every rank
+            # takes the same decision) and whether any rank was asked to stop (all leave at the same step)
+            total, n_stop = distributed.all_reduce_sum([total, float(stop.signal is not None)], device)
+            total /= dist_info.world_size
+            stopping = n_stop > 0
             scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+            grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
             if guard.check(step + 1, total, grad_norm):
                 scaler.step(opt)
-                ema_update(ema, model, ema_decay_at(step, tc))
+                ema_update(ema, core, ema_decay_at(step, tc))
                 best.add({"loss": total})
             scaler.update()  # fp16: backs the scale off after an overflow; a no-op otherwise
             opt.zero_grad(set_to_none=True)
@@ -341,7 +410,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
                 bar.close()
                 raise guard.stop(step, last_good)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if main and (step % tc.log_every == 0 or step == tc.steps):
                 now = time.perf_counter()
                 last = {"step": step, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
                         "img_per_s": seen / max(now - t_last, 1e-9), "skipped": guard.total}
@@ -350,16 +419,21 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
                 t_last, seen = now, 0
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 checkpoint()
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            if main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
                 sample_grid(f"step_{step:07d}")
         bar.close()
-        checkpoint("end" if stop.signal is None else "signal")
-        if stop.signal is not None:
-            print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in {run.ckpt_dir}")
-            return {"step": step, "stopped": True, "signal": int(stop.signal), "run_dir": str(run.root)}
-    grid = sample_grid(f"step_{step:07d}")
-    (run.samples_dir / "final.png").write_bytes(grid.read_bytes())
-    return {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "grid": str(grid)}
+        checkpoint("signal" if stopping else "end")
+        if stopping:
+            signum = int(stop.signal or signal.SIGTERM)  # a rank without a signal stops because another got one
+            if main:
+                print(f"stopped by signal {signum} at step {step}; checkpoint saved in {run.ckpt_dir}")
+            return {"step": step, "stopped": True, "signal": signum, "run_dir": str(run.root), "model": core}
+    summary = {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "model": core}
+    if main:
+        grid = sample_grid(f"step_{step:07d}")
+        (run.samples_dir / "final.png").write_bytes(grid.read_bytes())
+        summary["grid"] = str(grid)
+    return summary
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") -> tuple[Experiment, nn.Module, dict]:
@@ -369,6 +443,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") ->
     if ckpt is None:
         raise UserError(f"{run.root} has no checkpoint yet; train it first")
     cfg = parse_recipe(ckpt["recipe"], origin=f"the recipe of {run.root}")
+    if cfg.model.attention == "xformers" and not xformers_available():
+        cfg.model.attention = "sdpa"  # same math; a run trained on GPUs with xformers still samples anywhere
     exp = build(cfg, meta=ckpt["meta"])
     exp.model.head_fp32 = instantiate(cfg, "train").head_fp32
     state = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"]
@@ -376,7 +452,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") ->
         exp.model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"checkpoint of {run.root} does not fit its recipe's model: {str(e).splitlines()[0]}") from e
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     exp.model.to(dev).eval()
     exp.tokenizer.to(dev)
     return exp, exp.model, ckpt

@@ -29,6 +29,8 @@ def run(cfg: Namespace) -> None:
 
     t0 = time.perf_counter()
     exp, ckpt, images, labels = sample_from_run(cfg)
+    if images is None:  # a rank other than 0 of a multi-process run: rank 0 scores
+        return
     seconds = time.perf_counter() - t0
     scorer = instantiate(exp.cfg, "data").scorer()
     if scorer is None:

@@ -38,10 +38,22 @@ def parser() -> ArgumentParser:
 
 
 def sample_from_run(cfg: Namespace):
-    """Load a run and generate ``cfg.num_images`` images -> (experiment, checkpoint, images, labels)."""
+    """Load a run and generate ``cfg.num_images`` images -> (experiment, checkpoint, images, labels).
+
+    Under ``torchrun --nproc_per_node N -m sandbox sample|eval ...`` the ranks split the images
+    (each batch seeded by its index: the same images for any N); rank 0 receives them all and
+    the other ranks get ``images=None``.
+    """
+    from sandbox import distributed
+
+    with distributed.session(cfg.device):
+        return _sample_from_run(cfg)
+
+
+def _sample_from_run(cfg: Namespace):
     import torch
 
-    from sandbox.generate import balanced_labels, generate_many
+    from sandbox.generate import balanced_labels, generate_distributed
     from sandbox.recipe import instantiate
     from sandbox.train import autocast_dtype, load_run
 
@@ -57,7 +69,7 @@ def sample_from_run(cfg: Namespace):
     else:
         labels = balanced_labels(cfg.num_images, exp.num_classes)
     device = next(model.parameters()).device
-    images = generate_many(
+    images = generate_distributed(
         exp, labels, batch_size=cfg.batch_size or sc.batch_size, seed=cfg.seed, model=model,
         num_iter=cfg.num_iter or sc.num_iter, cfg=sc.cfg if cfg.cfg is None else cfg.cfg,
         cfg_schedule=cfg.cfg_schedule or sc.cfg_schedule,
@@ -74,6 +86,8 @@ def run(cfg: Namespace) -> None:
     if out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png (grid) or .npz (images + labels), got {out}")
     exp, ckpt, images, labels = sample_from_run(cfg)
+    if images is None:  # a rank other than 0 of a multi-process run: rank 0 writes
+        return
     if out.suffix == ".png":
         ncol = exp.num_classes if cfg.labels is None and cfg.num_images % exp.num_classes == 0 else None
         save_grid(images, out, ncol=ncol)

@@ -27,9 +27,14 @@ def default_run_dir(cfg: Namespace) -> str:
 
 
 def run(cfg: Namespace) -> None:
+    from sandbox import distributed
     from sandbox.train import train
 
-    summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
+    # under `torchrun --nproc_per_node N -m sandbox train ...` every rank joins the process group here
+    with distributed.session(cfg.train.device) as me:
+        summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
     if summary.get("stopped"):  # checkpoint saved; exit as the signal would have (schedulers read "not done")
         raise SystemExit(128 + summary["signal"])
+    if not me.is_main:
+        return  # rank 0 reports
     print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}")

@@ -1,0 +1,278 @@
+"""``sandbox bench``: training and sampling speed and peak memory of the MAR core, as JSON.
+
+Measures the model, not the input pipeline: training steps run on random
+token sequences (what a tokenizer or a latent cache hands the core; the
+official ``engine_mar`` likewise times the model on VAE latents) and
+sampling stops at tokens (no tokenizer decode). A training step is the
+trainer's: the ordering's split, forward, backward, grad clipping and an
+AdamW step (no EMA, no data loading). Peak memory is the process's peak
+resident set on the CPU (reset before each phase through
+``/proc/self/clear_refs``; the lifetime peak where that is unavailable) and
+``torch.cuda.max_memory_allocated`` on a GPU.
+
+    sandbox bench --recipe recipes/quickstart.yaml
+    sandbox bench --official_config ../shared/fixtures/official_mar_latent.pt --batch_size 64 \
+        --num_iter 16 --num_sampling_steps 50 --cfg 3.0
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from sandbox.errors import UserError
+
+NAME = "bench"
+HELP = "Time training and sampling of a recipe's (or an official configuration's) model; print JSON."
+ORDER = 40
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(exit_on_error=False, description=HELP)
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--recipe", type=str | None, default=None, help="A recipe YAML (its model, head and ordering).")
+    p.add_argument("--official_config", type=str | None, default=None,
+                   help="A .pt file holding an official MAR `config` dict (e.g. a parity fixture); random weights.")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+    p.add_argument("--precision", type=str | None, default=None,
+                   help="auto, fp32, bf16 or fp16 (default: the recipe's; auto for an official config).")
+    p.add_argument("--batch_size", type=int, default=64, help="Training batch (0 skips training).")
+    p.add_argument("--steps", type=int, default=10, help="Timed training steps (after --warmup).")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed training steps first (allocator, compile).")
+    p.add_argument("--sample_batch_size", type=int, default=64, help="Images per sampling call (0 skips sampling).")
+    p.add_argument("--sample_batches", type=int, default=1, help="Timed sampling calls.")
+    p.add_argument("--num_iter", type=int | None, default=None, help="Sampling steps (default: recipe's, else 64).")
+    p.add_argument("--num_sampling_steps", type=int | None, default=None,
+                   help="Diffusion steps per token (default: the recipe's head / the official config's).")
+    p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's, else 1.0).")
+    p.add_argument("--temperature", type=float, default=1.0, help="Head temperature.")
+    p.add_argument("--grad_checkpointing", type=bool | None, default=None,
+                   help="Recompute transformer and head blocks in backward (default: the recipe's).")
+    p.add_argument("--compile", type=bool | None, default=None, help="torch.compile the blocks (default: the recipe's).")
+    p.add_argument("--attention", type=str | None, default=None, help="sdpa or xformers (default: the recipe's).")
+    p.add_argument("--seed", type=int, default=0, help="Fixes the random weights and inputs.")
+    p.add_argument("--json", type=str | None, default=None, help="Also write the result to this file.")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a phase: CUDA max allocated on a GPU, the process's peak RSS on the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+
+    def reset(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: writing 5 resets VmHWM, the peak RSS, to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "cpu_peak_rss"
+        except OSError:
+            self.kind = "cpu_peak_rss_since_start"
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------
+# What to benchmark
+# --------------------------------------------------------------------------------------
+def _official_parts(cfg: Namespace, device):
+    """Model, ordering, token geometry and a config summary from an official ``config`` dict."""
+    import torch
+
+    from plugins.orderings.random import RandomOrdering
+    from sandbox.official import build_model, geometry
+
+    path = Path(cfg.official_config)
+    if not path.is_file():
+        raise UserError(f"official config file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)  # fixtures are trusted project data
+    except Exception as e:
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    official = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(official, dict):
+        raise UserError(f"{path} has no `config` dict of official MAR constructor arguments")
+    geo = geometry(official)
+    steps = cfg.num_sampling_steps or int(official.get("num_sampling_steps", 100))
+    torch.manual_seed(cfg.seed)
+    model = build_model(official, num_sampling_steps=steps)
+    ordering = RandomOrdering(geo["grid"], mask_ratio_min=official.get("mask_ratio_min", 0.7))
+    info = {"source": str(path), "official": {k: v for k, v in official.items()}}
+    return model, ordering, geo["token_dim"], geo["num_classes"], info, "auto", steps, None
+
+
+def _recipe_parts(cfg: Namespace, device):
+    import yaml
+
+    from sandbox.recipe import build, instantiate, parse_recipe
+
+    path = Path(cfg.recipe)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot read recipe {path}: {e}") from e
+    rcfg = parse_recipe(recipe)
+    if cfg.num_sampling_steps is not None:
+        rcfg.head.init_args.num_sampling_steps = cfg.num_sampling_steps
+    exp = build(rcfg)
+    tc, sc = instantiate(rcfg, "train"), instantiate(rcfg, "sample")
+    steps = getattr(exp.model.head, "num_sampling_steps", None) or cfg.num_sampling_steps
+    info = {"source": str(path), "recipe": recipe}
+    return (exp.model, exp.ordering, exp.tokenizer.token_dim, exp.num_classes, info, tc.precision, steps,
+            (sc, tc))
+
+
+def run(cfg: Namespace) -> None:
+    import torch
+
+    from sandbox.generate import balanced_labels, sample_tokens
+    from sandbox.mar import set_attention_backend
+    from sandbox.train import autocast_dtype, param_groups, resolve_device
+
+    if (cfg.recipe is None) == (cfg.official_config is None):
+        raise UserError("give exactly one of --recipe RECIPE.yaml and --official_config FILE.pt")
+    for name in ("batch_size", "steps", "warmup", "sample_batch_size", "sample_batches"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0")
+    device = resolve_device(cfg.device)
+    build_parts = _official_parts if cfg.official_config else _recipe_parts
+    model, ordering, token_dim, num_classes, info, precision, diffusion_steps, recipe_cfgs = build_parts(cfg, device)
+    sc, tc = recipe_cfgs if recipe_cfgs else (None, None)
+    precision = cfg.precision or precision
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    amp_dtype = autocast_dtype(precision, device)
+    num_iter = cfg.num_iter or (sc.num_iter if sc else 64)
+    guidance = cfg.cfg if cfg.cfg is not None else (sc.cfg if sc else 1.0)
+    tr = model.transformer
+    if cfg.grad_checkpointing is not None:
+        tr.config.grad_checkpointing = cfg.grad_checkpointing
+        if hasattr(model.head, "net"):
+            model.head.net.grad_checkpointing = cfg.grad_checkpointing
+    set_attention_backend(tr, cfg.attention or tr.config.attention)
+    use_compile = cfg.compile if cfg.compile is not None else bool(tc and tc.compile)
+    model.to(device)
+    if use_compile:
+        from sandbox.model import compile_blocks
+
+        compile_blocks(model)
+
+    L, C = ordering.seq_len, token_dim
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    memory = PeakMemory(device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "config": {
+            **info, "params": n_params, "seq_len": L, "token_dim": C,
+            "encoder": [tr.config.encoder_dim, tr.config.encoder_depth],
+            "decoder": [tr.config.decoder_dim, tr.config.decoder_depth],
+            "batch_size": cfg.batch_size, "steps": cfg.steps, "sample_batch_size": cfg.sample_batch_size,
+            "num_iter": num_iter, "num_sampling_steps": diffusion_steps, "cfg": guidance,
+            "temperature": cfg.temperature, "precision": precision, "compile": use_compile,
+            "grad_checkpointing": tr.config.grad_checkpointing, "attention": tr.config.attention,
+        },
+        "memory_kind": memory.kind,
+    }
+
+    # ----- training -----
+    if cfg.batch_size > 0 and cfg.steps > 0:
+        model.train()
+        opt = torch.optim.AdamW(param_groups(model, 0.02), lr=1e-4, betas=(0.9, 0.95))
+        seq = torch.randn(cfg.batch_size, L, C, device=device, generator=gen)  # (B, L, C) stand-in tokens
+        labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device, generator=gen)
+        losses = []
+
+        def step():
+            split = ordering.training_split(seq, gen)
+            with amp:
+                loss = model(seq, split, labels, gen)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        memory.reset()
+        for _ in range(cfg.warmup):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg.steps):
+            losses.append(step())
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        ms = 1000 * seconds / cfg.steps
+        result["train"] = {"ms_per_step": round(ms, 2), "images_per_s": round(cfg.batch_size * 1000 / ms, 2),
+                           "peak_memory_mb": round(memory.peak_mb(), 1),
+                           "final_loss": float(losses[-1]) if math.isfinite(float(losses[-1])) else None}
+        del opt
+        model.zero_grad(set_to_none=True)
+
+    # ----- sampling -----
+    if cfg.sample_batch_size > 0 and cfg.sample_batches > 0:
+        model.eval()
+        labels = balanced_labels(cfg.sample_batch_size, num_classes, device)
+        kwargs = dict(num_iter=num_iter, cfg=guidance, temperature=cfg.temperature, autocast_dtype=amp_dtype)
+        memory.reset()
+        if use_compile:  # compile happens on the first call; keep it out of the timing
+            sample_tokens(model, ordering, C, labels[:2], generator=gen, **{**kwargs, "num_iter": 2})
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg.sample_batches):
+            sample_tokens(model, ordering, C, labels, generator=gen, **kwargs)
+        _sync(device)
+        seconds = (time.perf_counter() - t0) / cfg.sample_batches
+        result["sample"] = {"seconds": round(seconds, 3),
+                            "images_per_s": round(cfg.sample_batch_size / seconds, 2),
+                            "peak_memory_mb": round(memory.peak_mb(), 1)}
+
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if cfg.json:
+        from sandbox.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(cfg.json), text.encode())

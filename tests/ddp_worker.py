@@ -1,0 +1,34 @@
+"""One rank of the 2-process run in test_distributed.py (started by torchrun; gloo on the CPU).
+
+Trains the recipe through the training core, saves this rank's final parameters, then samples
+through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank.
+Usage: torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RECIPE.yaml OUT_DIR
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from sandbox import distributed, registry
+from sandbox.cli import main
+from sandbox.generate import generate_distributed
+from sandbox.recipe import recipe_parser
+from sandbox.train import load_run, train
+
+
+def run(recipe: str, out: Path) -> None:
+    registry.discover()
+    with distributed.session("cpu") as me:
+        cfg = recipe_parser().parse_args(["--config", recipe])
+        summary = train(cfg, out / "ddp", progress=False)
+        torch.save(summary["model"].state_dict(), out / f"params_rank{me.rank}.pt")
+        code = main(["sample", "--run_dir", str(out / "ddp"), "--num_images", "6", "--batch_size", "2",
+                     "--num_iter", "2", "--cfg", "2.0", "--out", str(out / "ddp_samples.npz"), "--progress", "false"])
+        assert code == 0, code
+        exp, model, _ = load_run(out / "ddp")
+        images = generate_distributed(exp, torch.arange(5), batch_size=2, seed=7, dst=None, model=model, num_iter=2)
+        torch.save(images, out / f"images_rank{me.rank}.pt")
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], Path(sys.argv[2]))
