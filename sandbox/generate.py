@@ -79,10 +79,11 @@ def sample_tokens(
         inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
         with amp:
             if guided:  # one pass for both branches: conditional rows first, then the fake-latent rows
-                z = transformer(torch.cat([inputs, inputs]), torch.cat([visible, visible]), labels2, uncond)  # (2B, L, D)
-                cond, unc = z[:B][step.predict], z[B:][step.predict]  # (N, D) each
+                z = transformer(torch.cat([inputs, inputs]), torch.cat([visible, visible]), labels2, uncond,
+                                query=torch.cat([step.predict, step.predict]))  # (2N, D): only predicted positions
+                cond, unc = z[: z.shape[0] // 2], z[z.shape[0] // 2 :]  # (N, D) each
             else:
-                cond, unc = transformer(inputs, visible, labels)[step.predict], None  # (N, D)
+                cond, unc = transformer(inputs, visible, labels, query=step.predict), None  # (N, D)
             with model.head_precision(cond):
                 if model.head_fp32:
                     cond, unc = cond.float(), None if unc is None else unc.float()

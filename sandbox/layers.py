@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -51,8 +52,11 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_dim))  # (N, width)
 
 
+# The official modules hold their modulation as Sequential(SiLU, Linear) and apply SiLU(y) once per
+# block. The SiLU is the same for every block, so AdaLNMLP applies it once and the blocks take the
+# activated condition ``y_act``; the Sequential stays for the official parameter names.
 class ResBlock(nn.Module):
-    """x + gate * MLP(modulate(LN(x), shift, scale)), with (shift, scale, gate) from y."""
+    """x + gate * MLP(modulate(LN(x), shift, scale)), with (shift, scale, gate) from SiLU(y)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -60,8 +64,8 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)  # 3 x (N, W)
+    def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
+        shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)  # 3 x (N, W)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))  # (N, W)
 
 
@@ -72,8 +76,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)  # 2 x (N, W)
+    def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation[1](y_act).chunk(2, dim=-1)  # 2 x (N, W)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, out)
 
 
@@ -113,13 +117,18 @@ class AdaLNMLP(nn.Module):
     def forward_embedded(self, x: Tensor, t: Tensor, c_emb: Tensor) -> Tensor:
         """Like ``forward`` with the condition already embedded; ``t`` may be (N,) or (1,) (broadcast)."""
         h = self.input_proj(x)  # (N, W)
-        y = self.time_embed(t) + c_emb  # (N, W)
+        return self.forward_hidden(h, F.silu(self.time_embed(t) + c_emb))  # (N, out)
+
+    def forward_hidden(self, h: Tensor, y_act: Tensor) -> Tensor:
+        """The residual blocks and the output layer: projected input h (N,W), activated condition
+        y_act = SiLU(embed(t) + embed(z)) (N,W) -> (N, out). Samplers that build h and y_act themselves
+        (e.g. projecting x once for both guidance branches) call this."""
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, y, use_reentrant=False)
+                h = checkpoint(block, h, y_act, use_reentrant=False)
             else:
-                h = block(h, y)  # (N, W)
-        return self.final_layer(h, y)  # (N, out)
+                h = block(h, y_act)  # (N, W)
+        return self.final_layer(h, y_act)  # (N, out)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         return self.forward_embedded(x, t, self.embed_cond(z))

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -65,17 +66,25 @@ class MARAttention(Attention):
 
     backend: str = "sdpa"
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v with the selected kernel; (B, H, Tq, d) x 2 (B, H, T, d) -> (B, H, Tq, d)."""
+        p = self.attn_drop.p if self.training else 0.0
+        if self.backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        import xformers.ops as xops
+
+        if q.device.type != "cuda":
+            raise UserError("the xformers attention backend runs on CUDA only; use attention 'sdpa' on the CPU")
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=p)
+        return out.transpose(1, 2)  # xformers takes and returns (B, T, H, d)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if self.backend == "sdpa" or attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        import xformers.ops as xops
-
-        if x.device.type != "cuda":
-            raise UserError("the xformers attention backend runs on CUDA only; use attention 'sdpa' on the CPU")
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x (B, N, H, d)
-        out = xops.memory_efficient_attention(q, k, v, p=self.attn_drop.p if self.training else 0.0)  # (B, N, H, d)
-        return self.proj_drop(self.proj(out.reshape(B, N, self.attn_dim)))  # (B, N, D)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B,H,N,d)
+        out = self.attend(q, k, v)  # (B, H, N, d)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.attn_dim)))  # (B, N, D)
 
 
 def set_attention_backend(transformer: nn.Module, backend: str) -> None:
@@ -210,8 +219,15 @@ class MARTransformer(nn.Module):
         x = self._run(self.encoder_blocks, x)  # (B, buf+Lv, D)
         return self.encoder_norm(x), idx
 
-    def forward_decoder(self, x: Tensor, idx: Tensor) -> Tensor:
-        """Decode to one condition per sequence position: (B, buf+Lv, D) -> (B, L, Dd)."""
+    def forward_decoder(self, x: Tensor, idx: Tensor, query: Tensor | None = None) -> Tensor:
+        """Decode to one condition per sequence position: (B, buf+Lv, D) -> (B, L, Dd).
+
+        With ``query`` (B, L) bool (the same count per row), only those positions' conditions,
+        (N, Dd) in row-major order (= the full output indexed by ``query``): the last block then
+        computes keys and values for every position but queries, projections and its MLP only
+        there -- a sampling step needs the few positions it predicts (same values within float
+        rounding; the official decodes every position and then selects).
+        """
         B = x.shape[0]
         buf = self.config.buffer_size
         x = self.decoder_embed(x)  # (B, buf+Lv, Dd)
@@ -220,16 +236,42 @@ class MARTransformer(nn.Module):
         x = full + self.decoder_pos_embed_learned  # (B, buf+L, Dd)
         if self.num_groups > 1:
             x[:, buf:] = x[:, buf:] + self.decoder_group_embed(self.groups)
-        x = self._run(self.decoder_blocks, x)  # (B, buf+L, Dd)
-        x = self.decoder_norm(x)
-        return x[:, buf:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
+        if query is None or self.training or not self.decoder_blocks:
+            x = self._run(self.decoder_blocks, x)  # (B, buf+L, Dd)
+            x = self.decoder_norm(x)
+            z = x[:, buf:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
+            return z if query is None else z[query]
+        q_idx = query.nonzero()[:, 1].view(B, -1)  # (B, Q) sequence positions, ascending per row
+        x = self._run(self.decoder_blocks[:-1], x)  # (B, buf+L, Dd)
+        x = _block_at(self.decoder_blocks[-1], x, q_idx + buf)  # (B, Q, Dd)
+        x = self.decoder_norm(x) + self.diffusion_pos_embed_learned[0][q_idx]  # (B, Q, Dd)
+        return x.reshape(-1, x.shape[-1])  # (N, Dd)
 
-    def forward(self, tokens: Tensor, visible: Tensor, labels: Tensor | None, uncond: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, visible: Tensor, labels: Tensor | None, uncond: Tensor | None = None,
+                query: Tensor | None = None) -> Tensor:
         """tokens (B,L,C), visible (B,L) bool, labels (B,) -> conditions z (B,L,Dd).
 
         ``uncond`` (B,) bool selects rows that use the fake latent instead of their label
         (label drop in training, the unconditional half of classifier-free guidance).
+        ``query`` (B, L) bool: return only ``z[query]`` (N, Dd), computed with less work (see forward_decoder).
         """
         cond = self.condition(labels, uncond, tokens.shape[0])  # (B, D)
         x, idx = self.forward_encoder(tokens, visible, cond)  # (B, buf+Lv, D)
-        return self.forward_decoder(x, idx)  # (B, L, Dd)
+        return self.forward_decoder(x, idx, query)  # (B, L, Dd) or (N, Dd)
+
+
+def _block_at(blk: Block, x: Tensor, rows: Tensor) -> Tensor:
+    """A timm ``Block`` (eval mode, no layer scale or drop path) evaluated only at ``rows`` (B, Q) of x (B, T, D):
+    every position is a key and a value, only ``rows`` are queries. Returns (B, Q, D)."""
+    attn = blk.attn
+    B, T, D = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    h = blk.norm1(x)  # (B, T, D)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    k, v = F.linear(h, w[D:], None if b is None else b[D:]).view(B, T, 2, H, d).permute(2, 0, 3, 1, 4)  # (B,H,T,d)
+    take = rows[..., None].expand(-1, -1, D)  # (B, Q, D)
+    q = F.linear(torch.gather(h, 1, take), w[:D], None if b is None else b[:D])  # (B, Q, D)
+    q = q.view(B, -1, H, d).transpose(1, 2)  # (B, H, Q, d)
+    out = attn.attend(attn.q_norm(q), attn.k_norm(k), v)  # (B, H, Q, d)
+    xq = torch.gather(x, 1, take) + attn.proj(attn.norm(out.transpose(1, 2).reshape(B, -1, D)))  # (B, Q, D)
+    return xq + blk.mlp(blk.norm2(xq))  # (B, Q, D)

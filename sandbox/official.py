@@ -32,6 +32,22 @@ _CONFIG_MAP = {
 }
 
 
+# The released model sizes: the official factories mar_base / mar_large / mar_huge (models/mar.py) with
+# main_mar.py's ImageNet 256 settings (KL-16 latents: 16 x 16 tokens of 16 channels) and the paper's heads
+# (MAR sec. 5.1 / Table: DiffLoss MLP 6 x 1024, 8 x 1280, 12 x 1536; 208M, 479M, 943M parameters).
+_IMAGENET256 = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, class_num=1000, buffer_size=64,
+                    mask_ratio_min=0.7, label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1,
+                    num_sampling_steps="100", diffusion_batch_mul=4)
+PRESETS = {
+    "mar_base": dict(_IMAGENET256, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                     decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024),
+    "mar_large": dict(_IMAGENET256, encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                      decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),
+    "mar_huge": dict(_IMAGENET256, encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+                     decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),
+}
+
+
 def mar_config(official: dict, norm_eps: float = 1e-6) -> MARConfig:
     """MARConfig from official constructor arguments. ``norm_eps``: 1e-6 for the released
     mar_base/large/huge factories; the bare ``MAR(...)`` constructor's default LayerNorm uses 1e-5."""

@@ -118,3 +118,48 @@ def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
     other = recipe_file(tmp_path / "other.yaml", steps=6, batch_size=4, grad_accum=1)
     proc_code = main(["train", "--config", str(other), "--run_dir", str(root / "one")])
     assert proc_code == 2
+
+
+# ----------------------------------------------------------------------------------------
+# sandbox bench
+# ----------------------------------------------------------------------------------------
+BENCH_FIELDS = {"device", "dtype", "threads", "torch", "config", "memory_kind", "train", "sample"}
+
+
+def test_bench_prints_json_with_every_field(tmp_path, capsys):
+    recipe = recipe_file(tmp_path / "tiny.yaml")
+    code = main(["bench", "--recipe", str(recipe), "--batch_size", "8", "--steps", "2", "--warmup", "1",
+                 "--sample_batch_size", "4", "--num_iter", "2", "--num_sampling_steps", "3", "--cfg", "2.0",
+                 "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)
+    assert BENCH_FIELDS <= result.keys() and result == json.loads((tmp_path / "b.json").read_text())
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert set(result["train"]) == {"ms_per_step", "images_per_s", "peak_memory_mb", "final_loss", "cpu_ms_per_step"}
+    assert set(result["sample"]) == {"seconds", "images_per_s", "peak_memory_mb", "cpu_seconds"}
+    assert result["train"]["ms_per_step"] > 0 and result["sample"]["images_per_s"] > 0
+    assert result["train"]["peak_memory_mb"] > 0 and result["memory_kind"].startswith("cpu")
+    c = result["config"]
+    assert (c["batch_size"], c["num_iter"], c["num_sampling_steps"], c["cfg"]) == (8, 2, 3, 2.0)
+    assert c["params"] > 0 and c["attention"] == "sdpa" and c["grad_checkpointing"] is False
+
+
+def test_bench_official_config_and_errors(tmp_path, capsys):
+    from conftest import parity_fixture_dir
+
+    fixtures = parity_fixture_dir()
+    fixture = next(iter(sorted(fixtures.glob("official_mar_*.pt"))), None) if fixtures else None
+    if fixture is not None:  # a fixture's `config` dict, random weights
+        assert main(["bench", "--official_config", str(fixture), "--batch_size", "4", "--steps", "1", "--warmup", "0",
+                     "--sample_batch_size", "2", "--num_iter", "2", "--num_sampling_steps", "2"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["config"]["official"]["encoder_embed_dim"] > 0 and result["sample"]["seconds"] > 0
+    assert main(["bench"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["bench", "--official_config", str(tmp_path / "none.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    recipe = recipe_file(tmp_path / "tiny.yaml")
+    assert main(["bench", "--recipe", str(recipe), "--attention", "xformers", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "xformers" in err[0]

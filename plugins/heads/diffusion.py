@@ -90,13 +90,25 @@ class DiffusionHead(Head):
     @torch.no_grad()
     def sample(self, cond: Tensor, temperature: float = 1.0, cfg: float = 1.0, uncond: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
-        N = cond.shape[0]
+        """The respaced reverse process for every row at once; per step, the same numbers as ``denoise_step``
+        (tests/test_parity.py checks it) with the work the official repeats at every step done once: the
+        condition is embedded once per call, the timestep once per step (one row, broadcast), SiLU(condition)
+        once per step for all blocks, and the diffusion coefficients are scalars."""
+        N, C = cond.shape[0], self.token_dim
         guided = uncond is not None and cfg != 1.0
-        c_emb = self.net.embed_cond(torch.cat([cond, uncond]) if guided else cond)  # (N or 2N, W), once
-        x = torch.randn(N, self.token_dim, device=cond.device, generator=generator)  # (N, C)
-        for i in reversed(range(self.sample_diffusion.num_steps)):
-            # one t for all rows: the time embedding is computed once and broadcast
-            t = torch.full((1,), i, device=x.device, dtype=torch.long)
+        net, d = self.net, self.sample_diffusion
+        c_emb = net.embed_cond(torch.cat([cond, uncond]) if guided else cond)  # (N or 2N, W), once
+        steps = d.timestep_map.tolist()  # original timesteps of the respaced steps
+        x = torch.randn(N, C, device=cond.device, generator=generator)  # (N, C)
+        for i in reversed(range(d.num_steps)):
             noise = torch.randn(x.shape, device=x.device, generator=generator)
-            x = self.denoise_step(x, t, c_emb, cfg, noise, temperature)  # (N, C)
+            t = torch.full((1,), steps[i], device=x.device, dtype=torch.long)  # one t for all rows
+            y_act = torch.nn.functional.silu(net.time_embed(t) + c_emb)  # (N or 2N, W)
+            h = net.input_proj(torch.cat([x, x]) if guided else x)  # (N or 2N, W): both branches see x_t
+            out = net.forward_hidden(h, y_act)  # (N or 2N, 2C)
+            eps, var = out[:, :C], out[:, C:]
+            if guided:  # official forward_with_cfg: guided eps, the conditional half's variance
+                eps_c, eps_u = eps[:N], eps[N:]
+                eps, var = eps_u + cfg * (eps_c - eps_u), var[:N]
+            x = d.sample_step(eps.float(), var.float(), x, i, noise, temperature, self.x0_clip)  # (N, C)
         return x

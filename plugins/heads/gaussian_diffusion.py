@@ -175,6 +175,34 @@ class GaussianDiffusion(nn.Module):
         mean, _ = self.q_posterior(x0, xt, t)
         return mean, log_var, x0
 
+    def step_scalars(self, i: int) -> dict[str, float]:
+        """The coefficients of step i as Python floats holding their float32 values (cached).
+
+        A sampler applies one step to every row, so it multiplies by scalars instead of gathering
+        a (N, 1) column per coefficient at every step; float32 tensor x float32-valued scalar gives
+        the same bits as the gathered column, so ``sample_step`` equals ``p_mean_variance`` + noise.
+        """
+        if getattr(self, "_scalars", None) is None:
+            names = ("log_betas", "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
+            tables = {n: getattr(self, n).float().cpu().tolist() for n in names}
+            self._scalars = [{n: tables[n][k] for n in names} for k in range(self.num_steps)]
+        return self._scalars[i]
+
+    def sample_step(self, eps: Tensor, var_values: Tensor, xt: Tensor, i: int, noise: Tensor,
+                    temperature: float = 1.0, x0_clip: float | None = None) -> Tensor:
+        """x_{i-1} for every row at step i: ``p_mean_variance``'s formulas, term for term, with scalar coefficients;
+        mean + exp(log_var / 2) * noise * temperature (no noise at i == 0)."""
+        c = self.step_scalars(i)
+        frac = (var_values + 1) / 2
+        log_var = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
+        x0 = c["sqrt_recip_alphas_cumprod"] * xt - c["sqrt_recipm1_alphas_cumprod"] * eps
+        if x0_clip is not None:
+            x0 = x0.clamp(-x0_clip, x0_clip)
+        mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * xt
+        nonzero = 1.0 if i != 0 else 0.0
+        return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
+
     # -- training ---------------------------------------------------------------------------
     def training_losses(self, net_out: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
         """L_hybrid per row: eps MSE + the VLB term (bits/dim) that trains only the variance output."""
@@ -185,6 +213,9 @@ class GaussianDiffusion(nn.Module):
         true_mean, true_log_var = self.q_posterior(x0, xt, t)
         mean, log_var, _ = self.p_mean_variance(eps.detach(), var_values, xt, t)
         kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=1) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=1) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)
+        # the decoder NLL replaces the KL only where t == 0 (~1 row in 1000): compute it on those rows alone
+        # (the official evaluates it on every row and selects with where; same values, ~15 fewer passes)
+        first = (t == 0).nonzero()[:, 0]
+        nll = -discretized_gaussian_log_likelihood(x0[first], mean[first], 0.5 * log_var[first]).mean(dim=1)
+        vb = kl.index_put((first,), nll / math.log(2.0))
         return {"loss": mse + vb, "mse": mse, "vb": vb}

@@ -39,7 +39,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--recipe", type=str | None, default=None, help="A recipe YAML (its model, head and ordering).")
     p.add_argument("--official_config", type=str | None, default=None,
-                   help="A .pt file holding an official MAR `config` dict (e.g. a parity fixture); random weights.")
+                   help="A .pt file holding an official MAR `config` dict (e.g. a parity fixture), or mar_base, "
+                        "mar_large, mar_huge (the released sizes at ImageNet 256); random weights.")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
     p.add_argument("--precision", type=str | None, default=None,
                    help="auto, fp32, bf16 or fp16 (default: the recipe's; auto for an official config).")
@@ -117,24 +118,27 @@ def _official_parts(cfg: Namespace, device):
     import torch
 
     from plugins.orderings.random import RandomOrdering
-    from sandbox.official import build_model, geometry
+    from sandbox.official import PRESETS, build_model, geometry
 
     path = Path(cfg.official_config)
-    if not path.is_file():
-        raise UserError(f"official config file not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)  # fixtures are trusted project data
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-    official = data.get("config") if isinstance(data, dict) else None
-    if not isinstance(official, dict):
-        raise UserError(f"{path} has no `config` dict of official MAR constructor arguments")
+    if cfg.official_config in PRESETS:
+        official = dict(PRESETS[cfg.official_config])
+    elif not path.is_file():
+        raise UserError(f"official config file not found: {path} (or name one of {', '.join(PRESETS)})")
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)  # fixtures are trusted project data
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        official = data.get("config") if isinstance(data, dict) else None
+        if not isinstance(official, dict):
+            raise UserError(f"{path} has no `config` dict of official MAR constructor arguments")
     geo = geometry(official)
     steps = cfg.num_sampling_steps or int(official.get("num_sampling_steps", 100))
     torch.manual_seed(cfg.seed)
     model = build_model(official, num_sampling_steps=steps)
     ordering = RandomOrdering(geo["grid"], mask_ratio_min=official.get("mask_ratio_min", 0.7))
-    info = {"source": str(path), "official": {k: v for k, v in official.items()}}
+    info = {"source": cfg.official_config, "official": dict(official)}
     return model, ordering, geo["token_dim"], geo["num_classes"], info, "auto", steps, None
 
 
@@ -240,15 +244,16 @@ def run(cfg: Namespace) -> None:
         for _ in range(cfg.warmup):
             step()
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(cfg.steps):
-            losses.append(step())
+            losses.append(step().detach())
         _sync(device)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         ms = 1000 * seconds / cfg.steps
         result["train"] = {"ms_per_step": round(ms, 2), "images_per_s": round(cfg.batch_size * 1000 / ms, 2),
                            "peak_memory_mb": round(memory.peak_mb(), 1),
-                           "final_loss": float(losses[-1]) if math.isfinite(float(losses[-1])) else None}
+                           "final_loss": float(losses[-1]) if math.isfinite(float(losses[-1])) else None,
+                           "cpu_ms_per_step": round(1000 * cpu / cfg.steps, 2)}
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -261,14 +266,15 @@ def run(cfg: Namespace) -> None:
         if use_compile:  # compile happens on the first call; keep it out of the timing
             sample_tokens(model, ordering, C, labels[:2], generator=gen, **{**kwargs, "num_iter": 2})
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(cfg.sample_batches):
             sample_tokens(model, ordering, C, labels, generator=gen, **kwargs)
         _sync(device)
         seconds = (time.perf_counter() - t0) / cfg.sample_batches
+        cpu = (time.process_time() - c0) / cfg.sample_batches
         result["sample"] = {"seconds": round(seconds, 3),
                             "images_per_s": round(cfg.sample_batch_size / seconds, 2),
-                            "peak_memory_mb": round(memory.peak_mb(), 1)}
+                            "peak_memory_mb": round(memory.peak_mb(), 1), "cpu_seconds": round(cpu, 3)}
 
     text = json.dumps(result, indent=2, default=str)
     print(text)

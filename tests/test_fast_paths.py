@@ -1,0 +1,90 @@
+"""The work the core skips changes no result: each fast path against the straightforward computation.
+
+(The official-parity tests cover the rest: the head's network, one sampler step, the transformer.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from plugins.heads.diffusion import DiffusionHead
+from plugins.heads.gaussian_diffusion import discretized_gaussian_log_likelihood, normal_kl
+from plugins.orderings.random import RandomOrdering
+from sandbox.mar import MARConfig, MARTransformer
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values everywhere: the official init zeroes the head's output, which would hide differences."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
+
+
+def test_sampler_loop_is_the_step_by_step_reverse_process():
+    head = randomized(DiffusionHead(6, 16, width=24, depth=2, num_sampling_steps=10))
+    cond, uncond = torch.randn(9, 16), torch.randn(9, 16)  # 9 rows: small-matrix GEMM kernels too
+    for cfg, unc in ((1.0, None), (2.5, uncond)):
+        fast = head.sample(cond, 0.9, cfg, unc, torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # the reference: denoise_step (parity-tested) at every step, t as a (1,) tensor
+            c_emb = head.net.embed_cond(cond if unc is None else torch.cat([cond, unc]))
+            x = torch.randn(9, 6, generator=g)
+            for i in reversed(range(10)):
+                noise = torch.randn(x.shape, generator=g)
+                x = head.denoise_step(x, torch.full((1,), i), c_emb, cfg, noise, 0.9)
+        assert torch.isfinite(x).all() and torch.equal(fast, x)
+
+
+def test_decoding_only_the_predicted_positions():
+    cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
+                    decoder_heads=2, buffer_size=3)
+    tr = randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4))
+    seq, labels = torch.randn(4, 16, 5), torch.arange(4)
+    known = torch.zeros(4, 16, dtype=torch.bool)
+    for step in RandomOrdering((4, 4)).sampling_plan(4, 4, torch.Generator().manual_seed(0)):
+        with torch.no_grad():
+            full = tr(seq, known, labels)[step.predict]  # (N, D)
+            part = tr(seq, known, labels, query=step.predict)  # (N, D)
+        assert part.shape == full.shape
+        assert (part - full).abs().max() < 1e-6
+        known |= step.predict
+
+
+def test_decoder_nll_only_where_t_is_zero():
+    head = randomized(DiffusionHead(6, 16, width=24, depth=1))
+    d = head.train_diffusion
+    target, cond, noise = torch.rand(40, 6) * 2 - 1, torch.randn(40, 16), torch.randn(40, 6)
+    t = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(0))
+    t[::7] = 0
+    got = head.losses(target, cond, t, noise)["vb"]
+    with torch.no_grad():  # the official: the NLL on every row, then where(t == 0, nll, kl)
+        xt = d.q_sample(target, t, noise)
+        out = head.net(xt, t, cond)
+        true_mean, true_log_var = d.q_posterior(target, xt, t)
+        mean, log_var, _ = d.p_mean_variance(out[:, :6], out[:, 6:], xt, t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(target, mean, 0.5 * log_var).mean(dim=1) / math.log(2.0)
+    assert torch.equal(got, torch.where(t == 0, nll, kl))
+
+
+def test_gradient_checkpointing_changes_no_gradient():
+    from sandbox.model import MAR
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
+                        decoder_heads=2, buffer_size=2, attn_dropout=0.0, proj_dropout=0.0,
+                        grad_checkpointing=checkpointing)
+        model = MAR(MARTransformer(cfg, 16, 5, 4),
+                    DiffusionHead(5, 32, width=24, depth=2, grad_checkpointing=checkpointing)).train()
+        seq = torch.randn(3, 16, 5, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        model(seq, RandomOrdering((4, 4)).training_split(seq, g), torch.arange(3), g).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], atol=1e-6), name
