@@ -87,6 +87,20 @@ class DiffusionHead(Head):
         nonzero = (t != 0).to(x.dtype)[:, None]
         return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
 
+    def _step_embeddings(self, device: torch.device) -> list[Tensor]:
+        """The time embedding of every sampling step, (1, W) each, computed as a one-row batch like the step
+        loop would; kept while the weights, device and autocast setting are unchanged (a MAR sampling call
+        runs this loop once per iteration: 16-256 times with the same 100 timesteps)."""
+        params = tuple(self.net.time_embed.parameters())
+        key = (str(device), torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+               tuple((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_t_cache", None)
+        if cached is None or cached[0] != key:
+            steps = self.sample_diffusion.timestep_map.tolist()  # original timesteps of the respaced steps
+            embed = [self.net.time_embed(torch.full((1,), s, device=device, dtype=torch.long)) for s in steps]
+            self._t_cache = cached = (key, embed)
+        return cached[1]
+
     @torch.no_grad()
     def sample(self, cond: Tensor, temperature: float = 1.0, cfg: float = 1.0, uncond: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -98,12 +112,11 @@ class DiffusionHead(Head):
         guided = uncond is not None and cfg != 1.0
         net, d = self.net, self.sample_diffusion
         c_emb = net.embed_cond(torch.cat([cond, uncond]) if guided else cond)  # (N or 2N, W), once
-        steps = d.timestep_map.tolist()  # original timesteps of the respaced steps
+        t_emb = self._step_embeddings(cond.device)  # (1, W) per step: one t for all rows
         x = torch.randn(N, C, device=cond.device, generator=generator)  # (N, C)
         for i in reversed(range(d.num_steps)):
             noise = torch.randn(x.shape, device=x.device, generator=generator)
-            t = torch.full((1,), steps[i], device=x.device, dtype=torch.long)  # one t for all rows
-            y_act = torch.nn.functional.silu(net.time_embed(t) + c_emb)  # (N or 2N, W)
+            y_act = torch.nn.functional.silu(t_emb[i] + c_emb)  # (N or 2N, W)
             h = net.input_proj(torch.cat([x, x]) if guided else x)  # (N or 2N, W): both branches see x_t
             out = net.forward_hidden(h, y_act)  # (N or 2N, 2C)
             eps, var = out[:, :C], out[:, C:]
