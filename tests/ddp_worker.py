@@ -1,14 +1,20 @@
 """One rank of the 2-process run in test_distributed.py (started by torchrun; gloo on the CPU).
 
 Trains the recipe through the training core, saves this rank's final parameters, then samples
-through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank.
+through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank. Last, a
+second run in which only rank 1 receives SIGTERM (at its 3rd step): both ranks must stop at the
+same step, rank 0 alone saving the checkpoint (a rank that stopped alone would deadlock the other).
 Usage: torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RECIPE.yaml OUT_DIR
 """
+import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
+import sandbox.train
 from sandbox import distributed, registry
 from sandbox.cli import main
 from sandbox.generate import generate_distributed
@@ -28,6 +34,20 @@ def run(recipe: str, out: Path) -> None:
         exp, model, _ = load_run(out / "ddp")
         images = generate_distributed(exp, torch.arange(5), batch_size=2, seed=7, dst=None, model=model, num_iter=2)
         torch.save(images, out / f"images_rank{me.rank}.pt")
+
+        # the preemption signal reaches rank 1 only
+        loss, calls = sandbox.train.training_loss, []
+
+        def signalled_loss(*args, **kwargs):
+            calls.append(1)
+            if me.rank == 1 and len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss(*args, **kwargs)
+
+        sandbox.train.training_loss = signalled_loss
+        cfg = recipe_parser().parse_args(["--config", recipe, "--train.steps", "50"])
+        summary = train(cfg, out / "stopped", progress=False)
+        (out / f"stopped_rank{me.rank}.json").write_text(json.dumps({k: summary[k] for k in ("step", "stopped", "signal")}))
 
 
 if __name__ == "__main__":

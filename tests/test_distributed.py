@@ -7,7 +7,9 @@ of 8, the same images, the same random numbers. They must agree up to float redu
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -152,9 +154,11 @@ def test_bench_official_config_and_errors(tmp_path, capsys):
     fixture = next(iter(sorted(fixtures.glob("official_mar_*.pt"))), None) if fixtures else None
     if fixture is not None:  # a fixture's `config` dict, random weights
         assert main(["bench", "--official_config", str(fixture), "--batch_size", "4", "--steps", "1", "--warmup", "0",
-                     "--sample_batch_size", "2", "--num_iter", "2", "--num_sampling_steps", "2"]) == 0
+                     "--sample_batch_size", "2", "--num_iter", "2", "--num_sampling_steps", "2",
+                     "--precision", "bf16"]) == 0  # the GPUs' autocast path, reachable on the CPU
         result = json.loads(capsys.readouterr().out)
         assert result["config"]["official"]["encoder_embed_dim"] > 0 and result["sample"]["seconds"] > 0
+        assert result["dtype"] == "bfloat16" and math.isfinite(result["train"]["final_loss"])
     assert main(["bench"]) == 2
     assert "exactly one of" in capsys.readouterr().err
     assert main(["bench", "--official_config", str(tmp_path / "none.pt")]) == 2
@@ -163,3 +167,81 @@ def test_bench_official_config_and_errors(tmp_path, capsys):
     assert main(["bench", "--recipe", str(recipe), "--attention", "xformers", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "xformers" in err[0]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(runs):
+    root, _ = runs
+    r0, r1 = (json.loads((root / f"stopped_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 == {"step": 3, "stopped": True, "signal": int(signal.SIGTERM)}
+    saved = RunDir(root / "stopped").load_latest()
+    assert saved["step"] == 3 and saved["world_size"] == 2  # written once, by rank 0
+
+
+# ----------------------------------------------------------------------------------------
+# The CUDA paths, checked on the CPU: the backend and device each rank picks
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, cuda, backend", [("cuda", True, "nccl"), ("auto", True, "nccl"),
+                                                   ("cpu", True, "gloo"), ("auto", False, "gloo")])
+def test_session_joins_with_nccl_on_gpus_and_gloo_on_cpus(monkeypatch, device, cuda, backend):
+    from sandbox import distributed
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("gpu", i))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda b, **kw: calls.setdefault("backend", b))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.setdefault("destroyed", True))
+    with distributed.session(device):
+        pass
+    assert calls["backend"] == backend and calls["destroyed"]
+    assert calls.get("gpu") == (1 if backend == "nccl" else None)  # one GPU per process: cuda:LOCAL_RANK
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    from sandbox import distributed
+
+    monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo(rank=5, world_size=8, local_rank=1))
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert distributed.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit index stays
+    assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_global_batch_in_lr_scaling_and_data_check(tiny_recipe):
+    from sandbox.errors import UserError
+    from sandbox.recipe import instantiate
+    from sandbox.train import ResumableBatchSampler, base_lr
+
+    cfg = recipe_parser().parse_args(["--config", str(tiny_recipe), "--train.lr", "null", "--train.blr", "1e-4",
+                                      "--train.batch_size", "64", "--train.grad_accum", "4"])
+    tc = instantiate(cfg, "train")
+    assert base_lr(tc, world_size=8) == pytest.approx(1e-4 * 64 * 8 * 4 / 256)  # 2048 images: the paper's 8e-4
+    # rank r of a 2-rank run with 2 accumulation steps takes global micro-batch a * 2 + r of every step
+    s = [iter(ResumableBatchSampler(100, 5, seed=0, rank=r, world_size=2, accum=2)) for r in (0, 1)]
+    one = iter(ResumableBatchSampler(100, 5, seed=0, world_size=1, accum=4))
+    for _ in range(2):
+        assert [next(one) for _ in range(4)] == [next(s[0]), next(s[1]), next(s[0]), next(s[1])]
+    with pytest.raises(UserError, match="2 ranks x 3 accumulation"):
+        ResumableBatchSampler(20, 4, seed=0, world_size=2, accum=3)
+
+
+def test_attention_backend_and_compile_are_configuration(tiny_recipe):
+    from sandbox.errors import UserError
+    from sandbox.mar import MARConfig, MARTransformer, set_attention_backend, xformers_available
+    from sandbox.model import compile_blocks
+    from sandbox.recipe import build
+
+    tr = MARTransformer(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
+                                  decoder_heads=2, buffer_size=2), 16, 5, 4)
+    if not xformers_available():
+        with pytest.raises(UserError, match="xformers is not installed"):
+            set_attention_backend(tr, "xformers")
+    with pytest.raises(UserError, match="unknown attention backend"):
+        set_attention_backend(tr, "flash")
+    exp = build(recipe_parser().parse_args(["--config", str(tiny_recipe)]))
+    compile_blocks(exp.model)  # wraps in place (compiles on the first call): names and checkpoints unchanged
+    blocks = [*exp.model.transformer.encoder_blocks, *exp.model.head.net.res_blocks]
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(k.startswith(("transformer.", "head.")) and "_orig_mod" not in k for k in exp.model.state_dict())

@@ -118,6 +118,7 @@ def _official_parts(cfg: Namespace, device):
     import torch
 
     from plugins.orderings.random import RandomOrdering
+    from sandbox.checkpoint import load_checkpoint
     from sandbox.official import PRESETS, build_model, geometry
 
     path = Path(cfg.official_config)
@@ -126,10 +127,7 @@ def _official_parts(cfg: Namespace, device):
     elif not path.is_file():
         raise UserError(f"official config file not found: {path} (or name one of {', '.join(PRESETS)})")
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False)  # fixtures are trusted project data
-        except Exception as e:
-            raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        data = load_checkpoint(path)  # the safe loader: tensors and plain containers only
         official = data.get("config") if isinstance(data, dict) else None
         if not isinstance(official, dict):
             raise UserError(f"{path} has no `config` dict of official MAR constructor arguments")
