@@ -64,10 +64,8 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: Tensor, y_act: Tensor, mod: Tensor | None = None) -> Tensor:
-        """``mod`` (N, 3W): this block's modulation when the caller computed it (``AdaLNMLP.modulations``)."""
-        mod = self.adaLN_modulation[1](y_act) if mod is None else mod  # (N, 3W)
-        shift, scale, gate = mod.chunk(3, dim=-1)  # 3 x (N, W)
+    def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
+        shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)  # 3 x (N, W)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))  # (N, W)
 
 
@@ -78,9 +76,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: Tensor, y_act: Tensor, mod: Tensor | None = None) -> Tensor:
-        mod = self.adaLN_modulation[1](y_act) if mod is None else mod  # (N, 2W)
-        shift, scale = mod.chunk(2, dim=-1)  # 2 x (N, W)
+    def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation[1](y_act).chunk(2, dim=-1)  # 2 x (N, W)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, out)
 
 
@@ -122,48 +119,16 @@ class AdaLNMLP(nn.Module):
         h = self.input_proj(x)  # (N, W)
         return self.forward_hidden(h, F.silu(self.time_embed(t) + c_emb))  # (N, out)
 
-    def _fused_modulation(self) -> tuple[Tensor, Tensor]:
-        """Every block's modulation Linear stacked into one, (3W*depth + 2W, W) and its bias; kept
-        while the weights are unchanged (``_version`` counts in-place updates such as optimizer steps)."""
-        linears = [b.adaLN_modulation[1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
-        key = tuple((p.data_ptr(), p._version) for lin in linears for p in (lin.weight, lin.bias))
-        cached = getattr(self, "_mod_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                w = torch.cat([lin.weight for lin in linears])  # (3W*depth + 2W, W)
-                b = torch.cat([lin.bias for lin in linears])  # (3W*depth + 2W,)
-            self._mod_cache = cached = (key, w, b)
-        return cached[1], cached[2]
-
-    def modulations(self, y_act: Tensor) -> list[Tensor]:
-        """Every block's (shift, scale, gate) and the output layer's (shift, scale) from one GEMM:
-        y_act (N, W) -> [(N, 3W)] * depth + [(N, 2W)]. All blocks modulate from the same activated
-        condition, so one wide matrix product replaces depth + 1 narrow ones (the same products and
-        sums per output: bit-identical values; in backward one GEMM gives y_act's gradient where the
-        official sums depth + 1, which differs only by float rounding). Without autograd (sampling)
-        the stacked weight is kept between calls."""
-        linears = [b.adaLN_modulation[1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[1]]
-        if torch.is_grad_enabled() and any(p.requires_grad for lin in linears for p in lin.parameters()):
-            w = torch.cat([lin.weight for lin in linears])  # (3W*depth + 2W, W), differentiable
-            b = torch.cat([lin.bias for lin in linears])
-        else:
-            w, b = self._fused_modulation()
-        W = w.shape[1]
-        return F.linear(y_act, w, b).split([3 * W] * len(self.res_blocks) + [2 * W], dim=-1)
-
-    def forward_hidden(self, h: Tensor, y_act: Tensor, mods: list[Tensor] | None = None) -> Tensor:
+    def forward_hidden(self, h: Tensor, y_act: Tensor) -> Tensor:
         """The residual blocks and the output layer: projected input h (N,W), activated condition
         y_act = SiLU(embed(t) + embed(z)) (N,W) -> (N, out). Samplers that build h and y_act themselves
-        (e.g. projecting x once for both guidance branches) call this, optionally with ``modulations(y_act)``."""
-        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        if mods is None:  # checkpointed blocks recompute their own modulation instead of holding it
-            mods = [None] * (len(self.res_blocks) + 1) if recompute else self.modulations(y_act)
-        for block, mod in zip(self.res_blocks, mods):
-            if recompute:
+        (e.g. projecting x once for both guidance branches) call this."""
+        for block in self.res_blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, y_act, use_reentrant=False)
             else:
-                h = block(h, y_act, mod)  # (N, W)
-        return self.final_layer(h, y_act, mods[-1])  # (N, out)
+                h = block(h, y_act)  # (N, W)
+        return self.final_layer(h, y_act)  # (N, out)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
         return self.forward_embedded(x, t, self.embed_cond(z))

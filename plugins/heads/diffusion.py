@@ -107,8 +107,7 @@ class DiffusionHead(Head):
         """The respaced reverse process for every row at once; per step, the same numbers as ``denoise_step``
         (tests/test_parity.py checks it) with the work the official repeats at every step done once: the
         condition is embedded once per call, the timestep once per step (one row, broadcast), SiLU(condition)
-        and every block's modulation once per step (one GEMM for all blocks), and the diffusion
-        coefficients are scalars."""
+        once per step for all blocks, and the diffusion coefficients are scalars."""
         N, C = cond.shape[0], self.token_dim
         guided = uncond is not None and cfg != 1.0
         net, d = self.net, self.sample_diffusion
