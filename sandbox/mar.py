@@ -48,6 +48,16 @@ class MARConfig:
     grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
     attention: Literal["sdpa", "xformers"] = "sdpa"  # torch SDPA picks flash/mem-efficient kernels itself
 
+    def __post_init__(self):  # checked when the recipe is built, before a run directory is written
+        for part in ("encoder", "decoder"):
+            dim, heads = getattr(self, f"{part}_dim"), getattr(self, f"{part}_heads")
+            if heads < 1 or dim < 1 or dim % heads:
+                raise ValueError(f"model.{part}_dim ({dim}) must be a positive multiple of model.{part}_heads ({heads})")
+        if not 0.0 <= self.label_drop_prob <= 1.0:
+            raise ValueError(f"model.label_drop_prob must be in [0, 1], got {self.label_drop_prob}")
+        if self.head_batch_mul < 1 or self.buffer_size < 0:
+            raise ValueError("model.head_batch_mul must be >= 1 and model.buffer_size >= 0")
+
 
 # --------------------------------------------------------------------------------------
 # Attention with a selectable kernel
@@ -99,16 +109,6 @@ def set_attention_backend(transformer: nn.Module, backend: str) -> None:
             m.backend = backend
     if hasattr(transformer, "config"):
         transformer.config.attention = backend
-
-    def __post_init__(self):  # checked when the recipe is built, before a run directory is written
-        for part in ("encoder", "decoder"):
-            dim, heads = getattr(self, f"{part}_dim"), getattr(self, f"{part}_heads")
-            if heads < 1 or dim < 1 or dim % heads:
-                raise ValueError(f"model.{part}_dim ({dim}) must be a positive multiple of model.{part}_heads ({heads})")
-        if not 0.0 <= self.label_drop_prob <= 1.0:
-            raise ValueError(f"model.label_drop_prob must be in [0, 1], got {self.label_drop_prob}")
-        if self.head_batch_mul < 1 or self.buffer_size < 0:
-            raise ValueError("model.head_batch_mul must be >= 1 and model.buffer_size >= 0")
 
 
 class MARTransformer(nn.Module):
