@@ -321,7 +321,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
         }, step, tc.keep_checkpoints)
 
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    data = batches(dataset, tc, cfg.seed, step * tc.grad_accum, device)
+    data = batches(dataset, tc, cfg.seed, step, device)  # starts at micro-batch step * grad_accum
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train-tokenizer", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     vae.train()
