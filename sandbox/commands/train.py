@@ -32,4 +32,5 @@ def run(cfg: Namespace) -> None:
     summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
     if summary.get("stopped"):  # checkpoint saved; exit as the signal would have (schedulers read "not done")
         raise SystemExit(128 + summary["signal"])
-    print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}")
+    print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}; "
+          f"loss curve {summary.get('loss_curve')}")
