@@ -43,21 +43,24 @@ def generate_eval_images(exp, model, indices: Sequence[int], total: int, *, seed
     ``sampling``: ``generate`` options (num_iter, cfg, cfg_schedule, temperature, autocast_dtype).
     """
     indices = [int(i) for i in indices]
-    if any(not 0 <= i < total for i in indices):
-        raise ValueError(f"indices must lie in [0, {total})")
+    if not indices or any(not 0 <= i < total for i in indices) or len(set(indices)) < len(indices):
+        raise ValueError(f"indices must be distinct, in [0, {total}), and at least one")
     device = next(model.parameters()).device
     wanted: dict[int, list[int]] = {}
     for i in indices:
         wanted.setdefault(i // chunk_size, []).append(i)
-    out: dict[int, np.ndarray] = {}
+    position = {i: n for n, i in enumerate(indices)}
+    out = None  # (n, H, W, 3) uint8, filled in place: a 50k set is held once
     for k in tqdm(sorted(wanted), desc="eval samples", disable=not progress, file=sys.stderr):
         lo, hi = k * chunk_size, min((k + 1) * chunk_size, total)
         labels = torch.arange(lo, hi, device=device) % exp.num_classes  # class-balanced by index
         g = torch.Generator(device).manual_seed(chunk_seed(seed, k))
         images = to_uint8(generate(exp, labels, generator=g, model=model, **sampling))  # (hi-lo, H, W, 3)
+        if out is None:
+            out = np.empty((len(indices), *images.shape[1:]), dtype=np.uint8)
         for i in wanted[k]:
-            out[i] = images[i - lo]
-    return np.stack([out[i] for i in indices]), np.array([i % exp.num_classes for i in indices], dtype=np.int64)
+            out[position[i]] = images[i - lo]
+    return out, np.array([i % exp.num_classes for i in indices], dtype=np.int64)
 
 
 def eval_set_path(run_root: Path, settings: dict) -> Path:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from plugins.datasets.digits import load_digits_tensor
 from sandbox.checkpoint import load_checkpoint
+from sandbox.errors import UserError
 from sandbox.weights import cache_dir
 
 SEED = 0  # fixes the split, the initialisation and the data order: one classifier per image size
@@ -179,7 +180,7 @@ class DigitsScorer:
             images = F.interpolate(images.float(), size=(self.image_size,) * 2, mode="area")
         labels = labels.cpu().long()
         if len(images) < 2:
-            raise ValueError("the Frechet distance needs at least 2 images")
+            raise UserError("the digits score (a Frechet distance) needs at least 2 images")
         feats, logits = self.features(images.clamp(-1, 1))
         reference = self.real_feats[self.ref]
         g = torch.Generator().manual_seed(SEED)

@@ -54,6 +54,7 @@ def _info(msg: str) -> None:
 
 
 def run(cfg: Namespace) -> None:
+    import numpy as np
     import torch
 
     from sandbox.checkpoint import atomic_write_bytes
@@ -66,6 +67,9 @@ def run(cfg: Namespace) -> None:
     if cfg.run_dir is None and not inception:
         raise UserError("nothing to score without a run: pass --ref REF (FID, IS, precision/recall) or --inception true (IS)")
     ref = read_image_set(cfg.ref) if cfg.ref else None  # a bad reference fails before any sampling
+    given = read_image_set(cfg.images) if cfg.images else None
+    if given is not None and given.count == 0:
+        raise UserError(f"{cfg.images} holds no images")
     result: dict = {}
     scorer, run_root, images, labels = None, None, None, None
 
@@ -80,7 +84,7 @@ def run(cfg: Namespace) -> None:
         if scorer is None and not inception:
             raise UserError(f"dataset {exp.cfg.data.class_path} has no offline scorer; pass --ref REF for FID / IS")
         result.update(run_dir=str(cfg.run_dir), step=int(ckpt["step"]), ema=cfg.ema, seed=cfg.seed)
-        if cfg.images is None:
+        if given is None:
             sc = instantiate(exp.cfg, "sample")
             settings = {
                 "num_images": num_images, "seed": cfg.seed, "chunk_size": cfg.batch_size or sc.batch_size,
@@ -95,23 +99,24 @@ def run(cfg: Namespace) -> None:
                 exp, model, settings, run_root, progress=cfg.progress,
                 autocast_dtype=autocast_dtype(instantiate(exp.cfg, "train").precision, device))
             _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}")
-            result.update(samples=str(path), **({} if reused else {"sampling_seconds":
-                                                                     round(time.perf_counter() - t0, 2)}))
-    if cfg.images is not None:
-        found = read_image_set(cfg.images)
-        if found.count == 0:
-            raise UserError(f"{cfg.images} holds no images")
-        images, labels = found.read_all(), found.labels
-        result.update(images=str(cfg.images))
-    result["num_images"] = int(len(images))
+            result["samples"] = str(path)
+            if not reused:
+                result["sampling_seconds"] = round(time.perf_counter() - t0, 2)
+    if given is not None:
+        result["images"] = str(cfg.images)
+        labels = given.labels
+    result["num_images"] = int(len(images) if images is not None else given.count)
 
     if scorer is not None:
         if labels is None:
             _info(f"note: {cfg.images} has no labels; the dataset's offline score needs them and is skipped")
         else:
-            result.update(scorer.score(from_uint8(images), torch.as_tensor(labels)))
+            pixels = images if images is not None else given.read_all()
+            result.update(scorer.score(from_uint8(pixels), torch.as_tensor(np.asarray(labels))))
     if inception:
-        result.update(_inception_metrics(cfg, images, ref))
+        bs = cfg.fidelity_batch_size
+        batches = (images[i : i + bs] for i in range(0, len(images), bs)) if images is not None else given.batches(bs)
+        result.update(_inception_metrics(cfg, batches, ref))
     text = json.dumps(result, indent=2)
     print(text)
     out = cfg.json or (run_root / "eval.json" if run_root is not None else None)
@@ -128,16 +133,17 @@ def _num_images(cfg: Namespace) -> int:
     return n
 
 
-def _inception_metrics(cfg: Namespace, images, ref) -> dict:
-    from sandbox.fidelity import fidelity_scores, extract_features, load_feature_extractor, reference_features
+def _inception_metrics(cfg: Namespace, batches, ref) -> dict:
+    """IS of the images (uint8 batches), and FID / precision-recall against ``ref`` when given."""
+    from sandbox.fidelity import extract_features, fidelity_scores, load_feature_extractor, reference_features
     from sandbox.train import resolve_device
 
     device = resolve_device(cfg.device)
     extractor = load_feature_extractor(cfg.feature_extractor, cfg.inception_weights, device)
-    weights = getattr(extractor, "weights_file", None)
-    bs = cfg.fidelity_batch_size
-    feats = extract_features(extractor, (images[i : i + bs] for i in range(0, len(images), bs)), device)
-    ref_feats = reference_features(ref, extractor, weights, device, bs) if ref is not None else None
+    feats = extract_features(extractor, batches, device)
+    ref_feats = None
+    if ref is not None:
+        ref_feats = reference_features(ref, extractor, extractor.weights_file, device, cfg.fidelity_batch_size)
     out = fidelity_scores(feats, extractor, ref, ref_feats, device)
     if ref is not None:
         out["reference"] = str(ref.path)
