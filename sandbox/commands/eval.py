@@ -62,6 +62,8 @@ def run(cfg: Namespace) -> None:
 
     if cfg.run_dir is None and cfg.images is None:
         raise UserError("give --run_dir (sample and score a run) or --images (score a folder or .npz)")
+    if cfg.labels:
+        raise UserError("eval sets are class-balanced (image i has class i % K); --labels is for `sandbox sample`")
     num_images = _num_images(cfg)
     inception = cfg.inception if cfg.inception is not None else cfg.ref is not None
     if cfg.run_dir is None and not inception:
