@@ -3,7 +3,10 @@
 A frame decodes what is known so far -- ``Ordering.preview`` places the known tokens in the grid (a
 coarse-to-fine ordering may show its finest known scale), ``Tokenizer.from_tokens``/``decode`` turn it into
 pixels -- and paints grid cells that hold nothing yet grey. Nothing here knows a particular ordering or
-tokenizer, so any pair animates.
+tokenizer, so any pair animates. Each frame carries a caption strip, "step i/n" over a progress bar: it
+says where in the plan a frame is, and it keeps every frame distinct -- a GIF encoder merges identical
+consecutive frames (Pillow does), which would drop steps that change nothing visible (e.g. within one
+scale of a coarse-to-fine ordering).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from sandbox.generate import StepState
 from sandbox.images import class_grid
 
 GREY = 0.0  # the middle of [-1, 1]: 128 in uint8
+CAPTION_HEIGHT = 14  # px: Pillow's default font is ~11 px tall
 
 
 @torch.no_grad()
@@ -45,3 +49,19 @@ class FrameRecorder:
         images = preview_images(self.exp, state.tokens, state.known)
         self.count = images.shape[0]
         self.frames.append(class_grid(images, self.labels[: images.shape[0]]))
+
+    def captioned(self) -> list[np.ndarray]:
+        """The frames with a "step i/n" caption and progress bar below each (every frame distinct)."""
+        return [caption_frame(f, i + 1, len(self.frames)) for i, f in enumerate(self.frames)]
+
+
+def caption_frame(frame: np.ndarray, step: int, total: int) -> np.ndarray:
+    """(H,W,3) uint8 -> (H+CAPTION_HEIGHT,W,3): a bar filled to step/total, with "step/total" written on it."""
+    from PIL import Image, ImageDraw
+
+    h, w, _ = frame.shape
+    strip = Image.new("RGB", (w, CAPTION_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle((0, 0, round(w * step / total) - 1, CAPTION_HEIGHT - 1), fill=(170, 200, 235))
+    draw.text((2, 1), f"{step}/{total}" if w < 80 else f"step {step}/{total}", fill=(0, 0, 0))
+    return np.concatenate([frame, np.asarray(strip)], axis=0)

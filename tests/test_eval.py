@@ -88,6 +88,14 @@ def test_eval_samples_do_not_depend_on_how_indices_are_split(tiny_run):
     assert not np.array_equal(other_seed, whole)
 
 
+def test_modes_fix_the_number_of_images():
+    from sandbox.commands.eval import _num_images, parser
+
+    for mode, n in (("5k", 5_000), ("10k", 10_000), ("50k", 50_000)):
+        assert _num_images(parser().parse_args(["--run_dir", "r", "--num_images", "7", "--mode", mode])) == n
+    assert _num_images(parser().parse_args(["--run_dir", "r"])) == 1000  # the digits tables' sample count
+
+
 def test_missing_inception_weights_name_the_file(sandbox_cli, image_sets, tmp_path, monkeypatch):
     monkeypatch.delenv("SANDBOX_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("SANDBOX_CACHE", str(tmp_path / "cache"))

@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 
 from conftest import TINY_RECIPE
-from sandbox.images import class_grid, class_layout
+from sandbox.animate import CAPTION_HEIGHT, caption_frame
+from sandbox.images import class_grid, class_layout, save_gif
 
 
 def test_class_grid_has_one_row_per_class():
@@ -33,13 +34,22 @@ def test_sample_grid_rows_and_gif_frames(sandbox_cli, tiny_run, tmp_path):
     assert Image.open(tmp_path / "g.png").size == (2 * tile + 1, 10 * tile + 1)  # 10 classes x 2 images
     gif = Image.open(tmp_path / "a.gif")
     assert gif.n_frames == 3  # one frame per sampling step
-    assert gif.size == (1 * tile + 1, 8 * tile + 1)  # the first batch (8 images, classes 0..7), one row per class
+    # the first batch (8 images, classes 0..7), one row per class, and the "step i/n" caption strip below
+    assert gif.size == (1 * tile + 1, 8 * tile + 1 + CAPTION_HEIGHT)
     frames = []
     for i in range(gif.n_frames):
         gif.seek(i)
-        frames.append(np.asarray(gif.convert("RGB")))
+        frames.append(np.asarray(gif.convert("RGB"))[:-CAPTION_HEIGHT])
     grey = [(np.abs(f.astype(int) - 128) <= 4).all(-1).mean() for f in frames]  # GIF palettes round colours
     assert grey[0] > 0.5 and grey[0] > grey[1] > grey[2] and grey[2] < 0.2  # tokens appear step by step
+
+
+def test_gif_keeps_a_frame_for_every_step_even_when_nothing_changes(tmp_path):
+    """A GIF encoder merges identical consecutive frames; the caption keeps steps that add nothing visible
+    (e.g. within one scale of a coarse-to-fine ordering) as frames of their own."""
+    frame = np.full((65, 65, 3), 128, dtype=np.uint8)
+    save_gif([caption_frame(frame, i + 1, 5) for i in range(5)], tmp_path / "same.gif")
+    assert Image.open(tmp_path / "same.gif").n_frames == 5
 
 
 def test_gif_frames_follow_the_ordering(tiny_run):

@@ -102,6 +102,6 @@ def run(cfg: Namespace) -> None:
         save_npz(images, labels, out)
     print(f"wrote {cfg.num_images} images to {out} (step {ckpt['step']}, {'EMA' if cfg.ema else 'raw'} weights)")
     if recorder is not None:
-        save_gif(recorder.frames, cfg.animate)
+        save_gif(recorder.captioned(), cfg.animate)
         print(f"wrote {cfg.animate}: {len(recorder.frames)} frames (one per sampling step) "
               f"of the first batch, {recorder.count} images")
