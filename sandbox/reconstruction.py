@@ -52,12 +52,14 @@ def load_lpips(weights: str | None = None, device: torch.device | str = "cpu", r
 @torch.no_grad()
 def reconstruction_scores(originals: Tensor, reconstructions: Tensor, lpips_model=None) -> dict[str, Tensor]:
     """Per-image PSNR (dB), SSIM and LPIPS of (N,3,H,W) images in [-1,1] -> {name: (N,)}."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from sandbox.metrics import psnr
 
     a = (originals.float().clamp(-1, 1) + 1) / 2  # (N, 3, H, W) in [0, 1]
     b = (reconstructions.float().clamp(-1, 1) + 1) / 2
     out = {
-        "psnr": peak_signal_noise_ratio(b, a, data_range=1.0, dim=(1, 2, 3), reduction="none"),
+        "psnr": psnr(originals, reconstructions),
         "ssim": structural_similarity_index_measure(b, a, data_range=1.0, reduction="none"),
     }
     if lpips_model is not None:
