@@ -191,6 +191,18 @@ class Ordering:
         """
         return tokens, known
 
+    def preview(self, tokens: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
+        """Mid-generation picture (animations): (tokens (B,L,C), known (B,L) bool) -> (token grid (B,C,h,w)
+        to decode, shown (B,h,w) bool: the grid cells that hold a known value; the rest is drawn grey).
+
+        The default places the known tokens in the grid. A coarse-to-fine ordering may instead show its
+        finest known scale upsampled, so an animation goes scale by scale. With every position known it
+        must give the grid ``to_grid`` decodes.
+        """
+        kept = tokens * known[..., None].to(tokens.dtype)  # (B, L, C) unknown positions zeroed
+        shown = self.to_grid(known[..., None].to(tokens.dtype))[:, 0] > 0.5  # (B, h, w)
+        return self.to_grid(kept), shown
+
 
 # --------------------------------------------------------------------------------------
 # Head: the per-token distribution p(x | z)

@@ -52,6 +52,7 @@ class TrainConfig:
     # overflow or one bad batch skips a few, twenty in a row is divergence; 0: never stop
     head_fp32: bool = False  # run the head in fp32 under bf16/fp16 autocast: its loss spans a 1000-step noise
     # schedule whose extreme alpha_bar values bf16's 8-bit mantissa resolves poorly
+    tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (needs the [tensorboard] extra)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):

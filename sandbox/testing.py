@@ -19,6 +19,9 @@ failure -- naming the plugin, the call, what was expected and what came back:
 Plugins declare ``contract_args`` (small init_args, or a classmethod returning
 them when they need files) so the project's own suite
 (``tests/test_contracts.py``) checks every registered plugin with no setup.
+
+``register_tiny_feature_extractor()`` registers a tiny random stand-in for Inception with torch-fidelity,
+so ``sandbox eval --feature_extractor sandbox-tiny-random`` runs FID / IS / precision-recall offline.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch import Tensor
 from sandbox.kinds import Dataset, Head, Ordering, SampleStep, Tokenizer, TrainingSplit
 
 __all__ = ["ContractError", "check_tokenizer", "check_ordering", "check_head", "check_dataset", "check_plugin",
-           "contract_args"]
+           "contract_args", "register_tiny_feature_extractor"]
 
 
 class ContractError(AssertionError):
@@ -197,7 +200,8 @@ def check_tokenizer(tokenizer, image_size: int | None = None, batch: int = 2, **
 def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, token_dim: int = 5,
                    num_iters: tuple[int, ...] = (1, 3, 7), **init_args) -> None:
     """Sequence (B,L,C) <-> grid round trip; training splits with equal visible counts and loss in every row;
-    sampling plans that predict every position exactly once with non-decreasing progress; all seeded."""
+    sampling plans that predict every position exactly once with non-decreasing progress; all seeded;
+    ``preview`` (animations) shows no cell when nothing is known and the decoded grid when everything is."""
     o = _build(factory, Ordering, "ordering", init_args, tuple(grid))
     c = _Check(factory, "ordering")
     L = o.seq_len
@@ -275,6 +279,24 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
         again = o.sampling_plan(batch, num_iter, _gen(0))
         c.expect(len(again) == len(plan) and all(torch.equal(a.predict, b.predict) for a, b in zip(again, plan)),
                  f"{plan_call} with the same generator seed gave a different plan; draw from `generator`")
+
+    # -- preview (animations) -------------------------------------------------------------
+    for all_known in (False, True):
+        known = torch.full((batch, L), all_known)
+        call = f"preview(seq {tuple(seq.shape)}, known all {all_known})"
+        out = c.call(call, o.preview, seq, known)
+        c.expect(isinstance(out, tuple) and len(out) == 2, f"{call} returned {type(out).__name__}; expected "
+                                                          "(token grid (B, C, h, w), shown (B, h, w))")
+        shown_grid, shown = out
+        c.tensor(f"{call}: grid", shown_grid, tuple(grid_t.shape), "(B, C, h, w)")
+        c.tensor(f"{call}: shown", shown, (batch, *grid), "(B, h, w)", "bool")
+        c.expect(bool(shown.any()) == all_known and bool(shown.all()) == all_known,
+                 f"{call} shows {int(shown.sum())} of {shown.numel()} cells; expected "
+                 f"{'every' if all_known else 'no'} cell when {'every' if all_known else 'no'} position is known")
+        if all_known:
+            c.expect(torch.allclose(shown_grid, back, atol=1e-5),
+                     f"{call} is not the grid to_grid decodes (max |diff| {_max_diff(shown_grid, back):.3g}); the "
+                     "last frame of an animation must be the image")
 
 
 # --------------------------------------------------------------------------------------
@@ -407,3 +429,58 @@ def check_plugin(plugin, **init_args) -> None:
     check = {"tokenizer": check_tokenizer, "ordering": check_ordering, "head": check_head,
              "dataset": check_dataset}[kind_of(cls)]
     check(plugin, **init_args)
+
+
+# --------------------------------------------------------------------------------------
+# An offline stand-in for Inception: the FID / IS / precision-recall path without weights
+# --------------------------------------------------------------------------------------
+TINY_FEATURE_EXTRACTOR = "sandbox-tiny-random"
+
+
+def tiny_feature_extractor_class():
+    """A torch-fidelity feature extractor shaped like Inception's interface (uint8 (B,3,H,W) in; an embedding
+    for FID / precision-recall and class logits for IS out), but a tiny CNN with fixed random weights:
+    it tests the wiring of ``sandbox eval`` offline, its numbers mean nothing."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class TinyRandomFeatureExtractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # fixed weights: the same image always gives the same features
+                self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2),
+                                          nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 32))
+                self.fc = nn.Linear(32, 10)
+            self.requires_grad_(False).eval()
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("pool", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        def forward(self, x):
+            x = F.interpolate(x.float() / 127.5 - 1, size=(16, 16), mode="bilinear", align_corners=False)  # (B,3,16,16)
+            pool = 10 * self.body(x)  # (B, 32); scaled so distances between different sets are O(1)
+            feats = {"pool": pool, "logits": self.fc(pool)}  # (B, 32), (B, 10)
+            return tuple(feats[name] for name in self.features_list)
+
+    return TinyRandomFeatureExtractor
+
+
+def register_tiny_feature_extractor() -> str:
+    """Register the tiny extractor with torch-fidelity (once) and return its name for ``--feature_extractor``."""
+    from torch_fidelity import register_feature_extractor
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if TINY_FEATURE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(TINY_FEATURE_EXTRACTOR, tiny_feature_extractor_class())
+    return TINY_FEATURE_EXTRACTOR

@@ -30,8 +30,9 @@ from sandbox.checkpoint import RunDir
 from sandbox.diagnostics import run_warnings
 from sandbox.errors import UserError
 from sandbox.generate import generate_many
-from sandbox.images import save_grid
+from sandbox.images import class_grid, save_png
 from sandbox.mar import xformers_available
+from sandbox.monitor import TensorBoardLogger, plot_metrics
 from sandbox.recipe import Experiment, TrainConfig, build, instantiate, parse_recipe, recipe_dict
 from sandbox.reliability import BestMetric, NonFiniteGuard
 
@@ -40,7 +41,7 @@ from sandbox.reliability import BestMetric, NonFiniteGuard
 # good checkpoint; `plugins` only says where the plugin files are, class paths and init_args say what is trained)
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.num_workers",
                   "train.device", "train.keep_checkpoints", "train.best_metric", "train.max_nonfinite_steps",
-                  "train.precision", "train.head_fp32", "sample", "plugins",
+                  "train.precision", "train.head_fp32", "train.tensorboard", "sample", "plugins",
                   # how the global batch is split (per-rank batch x ranks x accumulation) and how it is computed;
                   # the global batch itself is checked against the checkpoint's
                   "train.batch_size", "train.grad_accum", "train.compile", "model.grad_checkpointing",
@@ -282,6 +283,8 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         raise UserError(f"--train.grad_accum must be >= 1, got {tc.grad_accum}")
     device = distributed.local_device(resolve_device(tc.device))
     amp_dtype = autocast_dtype(tc.precision, device)
+    # rank 0 logs; fails early when tensorboard is not installed
+    tb = TensorBoardLogger(run.root / "tensorboard") if tc.tensorboard and main else None
     exp = build(cfg)
     exp.model.head_fp32 = tc.head_fp32
     # can the data fill a global batch? (before any write)
@@ -364,8 +367,10 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         images = generate_many(exp, labels, batch_size=max(len(labels), 1), seed=cfg.seed, model=ema,
                                num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
                                temperature=sc.temperature, autocast_dtype=amp_dtype)
-        path = run.samples_dir / f"{tag}.png"
-        save_grid(images, path, ncol=sc.grid_per_class)
+        path, grid = run.samples_dir / f"{tag}.png", class_grid(images, labels)
+        save_png(grid, path)
+        if tb is not None:
+            tb.image("samples", grid, step)
         return path
 
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -415,6 +420,8 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
                 last = {"step": step, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
                         "img_per_s": seen / max(now - t_last, 1e-9), "skipped": guard.total}
                 run.append_metrics(last)
+                if tb is not None:
+                    tb.scalars(last)
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.0f}")
                 t_last, seen = now, 0
             if step % tc.ckpt_every == 0 and step < tc.steps:
@@ -423,16 +430,25 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
                 sample_grid(f"step_{step:07d}")
         bar.close()
         checkpoint("signal" if stopping else "end")
+        curve = None
+        if main:
+            curve = plot_metrics(run.metrics_path, run.root / "loss_curve.png",
+                                 title=f"{run.root.name}: training metrics")
         if stopping:
             signum = int(stop.signal or signal.SIGTERM)  # a rank without a signal stops because another got one
+            if tb is not None:
+                tb.close()
             if main:
                 print(f"stopped by signal {signum} at step {step}; checkpoint saved in {run.ckpt_dir}")
             return {"step": step, "stopped": True, "signal": signum, "run_dir": str(run.root), "model": core}
-    summary = {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "model": core}
+    summary = {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "model": core,
+               "loss_curve": str(curve) if curve else None}
     if main:
         grid = sample_grid(f"step_{step:07d}")
         (run.samples_dir / "final.png").write_bytes(grid.read_bytes())
         summary["grid"] = str(grid)
+    if tb is not None:
+        tb.close()
     return summary
 
 

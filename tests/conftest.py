@@ -42,3 +42,32 @@ def parity_fixture_dir() -> Path | None:
         return Path(env)
     default = REPO.parent / "shared" / "fixtures"
     return default if default.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run directory of the tiny recipe, trained in-process for 4 steps (shared, treat as read-only)."""
+    from sandbox.recipe import recipe_parser
+    from sandbox.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    cfg = recipe_parser().parse_args(["--config", str(recipe), "--train.steps", "4"])
+    train(cfg, root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.fixture
+def sandbox_cli(capsys):
+    """``sandbox.cli.main`` in-process: call(*args) -> CompletedProcess(returncode, stdout, stderr)."""
+    import subprocess
+
+    from sandbox.cli import main
+
+    def call(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call

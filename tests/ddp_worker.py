@@ -1,7 +1,8 @@
 """One rank of the 2-process run in test_distributed.py (started by torchrun; gloo on the CPU).
 
 Trains the recipe through the training core, saves this rank's final parameters, then samples
-through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank. Last, a
+through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank, and
+the evaluation set through ``eval_samples``. Last, a
 second run in which only rank 1 receives SIGTERM (at its 3rd step): both ranks must stop at the
 same step, rank 0 alone saving the checkpoint (a rank that stopped alone would deadlock the other).
 Usage: torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RECIPE.yaml OUT_DIR
@@ -17,9 +18,13 @@ import torch
 import sandbox.train
 from sandbox import distributed, registry
 from sandbox.cli import main
+from sandbox.evaluate import eval_samples
 from sandbox.generate import generate_distributed
 from sandbox.recipe import recipe_parser
 from sandbox.train import load_run, train
+
+EVAL_SETTINGS = {"num_images": 5, "seed": 3, "chunk_size": 2, "num_iter": 2, "cfg": 2.0, "cfg_schedule": "linear",
+                 "temperature": 1.0, "step": 2, "ema": True}
 
 
 def run(recipe: str, out: Path) -> None:
@@ -34,6 +39,9 @@ def run(recipe: str, out: Path) -> None:
         exp, model, _ = load_run(out / "ddp")
         images = generate_distributed(exp, torch.arange(5), batch_size=2, seed=7, dst=None, model=model, num_iter=2)
         torch.save(images, out / f"images_rank{me.rank}.pt")
+        # the evaluation set (what `sandbox eval` scores): split over the ranks, gathered and written by rank 0
+        got, labels, path, reused = eval_samples(exp, model, EVAL_SETTINGS, out / "ddp_eval")
+        assert not reused and (got is None) == (me.rank != 0), (me.rank, got is None)
 
         # the preemption signal reaches rank 1 only
         loss, calls = sandbox.train.training_loss, []

@@ -21,7 +21,9 @@ import yaml
 from conftest import REPO, TINY_RECIPE
 from sandbox.checkpoint import RunDir
 from sandbox.cli import main
+from sandbox.evaluate import eval_samples
 from sandbox.generate import generate_many
+from sandbox.images import read_image_set
 from sandbox.recipe import recipe_parser
 from sandbox.train import load_run, train
 
@@ -101,6 +103,19 @@ def test_distributed_sampling_gives_the_images_of_one_process(runs, one_thread):
                  "2", "--cfg", "2.0", "--out", str(root / "one_samples.npz"), "--progress", "false"]) == 0
     a, b = np.load(root / "ddp_samples.npz"), np.load(root / "one_samples.npz")
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+
+
+def test_distributed_eval_set_is_the_one_process_set(runs, one_thread):
+    from ddp_worker import EVAL_SETTINGS
+
+    root, _ = runs
+    exp, model, _ = load_run(root / "ddp")
+    one, labels, path, reused = eval_samples(exp, model, EVAL_SETTINGS, root / "one_eval")
+    assert not reused
+    written = list((root / "ddp_eval" / "eval").glob("samples-5-*.npz"))
+    assert [p.name for p in written] == [path.name]  # rank 0 alone wrote it, under the same settings key
+    two = read_image_set(written[0])
+    assert np.array_equal(two.read_all(), one) and np.array_equal(two.labels, labels)
 
 
 def test_resume_a_two_rank_run_on_one_rank(runs):

@@ -305,3 +305,22 @@ def test_bad_scales_are_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "token grid 4x4" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_multiscale_preview_goes_scale_by_scale():
+    """Animations (sandbox sample --animate) show the finest known scale, upsampled: one picture per scale."""
+    from plugins.orderings.multiscale import MultiscaleOrdering
+
+    o = MultiscaleOrdering((8, 8))  # scales 1, 2, 4, 8
+    seq = o.to_sequence(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    known = torch.zeros(2, o.seq_len, dtype=torch.bool)
+    assert not o.preview(seq, known)[1].any()
+    grids = []
+    for step in o.sampling_plan(2, 1):
+        known |= step.predict
+        grid, shown = o.preview(seq, known)
+        assert shown.all() and grid.shape == (2, 3, 8, 8)
+        grids.append(grid)
+    assert len(grids) == 4 and all(not torch.allclose(a, b) for a, b in zip(grids, grids[1:]))
+    assert torch.allclose(grids[0], grids[0][..., :1, :1].expand_as(grids[0]))  # the 1x1 scale: flat
+    assert torch.allclose(grids[-1], o.to_grid(seq))

@@ -194,6 +194,18 @@ class MultiscaleOrdering(Ordering):
         """Scale k's starting point (B, area_k, C): the coarser scales' estimate, area-downsampled to scale k."""
         return rearrange(downsample(self.estimate(parts, k), self.scales[k]), "b c h w -> b (h w) c")
 
+    def preview(self, tokens: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
+        """The grid as the finest fully known scale describes it (upsampled), so an animation goes scale by
+        scale; nothing is shown before the coarsest scale is known."""
+        B = tokens.shape[0]
+        parts = self.split_scales(tokens)  # (B, C, h_k, w_k) per scale
+        done = torch.stack([known[:, o : o + a].all(1) for o, a in zip(self.offsets, self.areas)], 1)  # (B, K)
+        k = int(done.cumprod(1).sum(1).min())  # scales known in every row (all rows share one plan)
+        if k == 0:
+            return torch.zeros_like(self.to_grid(tokens)), torch.zeros(B, *self.grid, dtype=torch.bool,
+                                                                        device=tokens.device)
+        return self.estimate(parts, k), torch.ones(B, *self.grid, dtype=torch.bool, device=tokens.device)
+
     # -- training ------------------------------------------------------------------------
     def training_split(self, seq: Tensor, generator: torch.Generator | None = None) -> TrainingSplit:
         B, L, _ = seq.shape

@@ -12,10 +12,13 @@ HELP = "Generate images from a trained run (.png grid or .npz images + labels)."
 ORDER = 20
 
 
-def add_sampling_arguments(p: ArgumentParser) -> None:
+def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> None:
     """Options shared by every command that samples from a run (sample, eval, ...)."""
     p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--run_dir", type=str, required=True, help="A run directory written by `sandbox train`.")
+    if run_dir_required:
+        p.add_argument("--run_dir", type=str, required=True, help="A run directory written by `sandbox train`.")
+    else:
+        p.add_argument("--run_dir", type=str | None, default=None, help="A run directory written by `sandbox train`.")
     p.add_argument("--num_images", type=int, default=64, help="How many images.")
     p.add_argument("--labels", type=list[int] | None, default=None,
                    help="Class of each image (cycled); default: class-balanced 0,1,...,K-1,0,...")
@@ -33,13 +36,17 @@ def add_sampling_arguments(p: ArgumentParser) -> None:
 def parser() -> ArgumentParser:
     p = ArgumentParser(exit_on_error=False, description=HELP)
     add_sampling_arguments(p)
-    p.add_argument("--out", type=str, default="samples.png", help=".png writes a grid; .npz writes images + labels.")
+    p.add_argument("--out", type=str, default="samples.png",
+                   help=".png writes a grid (one row per class); .npz writes images + labels.")
+    p.add_argument("--animate", type=str | None, default=None,
+                   help="Also write FILE.gif: the first batch being generated, one frame per sampling step.")
     return p
 
 
-def sample_from_run(cfg: Namespace):
+def sample_from_run(cfg: Namespace, on_step=None):
     """Load a run and generate ``cfg.num_images`` images -> (experiment, checkpoint, images, labels).
 
+    ``on_step(exp, labels)`` may return a per-step callback for the sampling core (e.g. an animation recorder).
     Under ``torchrun --nproc_per_node N -m sandbox sample|eval ...`` the ranks split the images
     (each batch seeded by its index: the same images for any N); rank 0 receives them all and
     the other ranks get ``images=None``.
@@ -47,10 +54,10 @@ def sample_from_run(cfg: Namespace):
     from sandbox import distributed
 
     with distributed.session(cfg.device):
-        return _sample_from_run(cfg)
+        return _sample_from_run(cfg, on_step)
 
 
-def _sample_from_run(cfg: Namespace):
+def _sample_from_run(cfg: Namespace, on_step=None):
     import torch
 
     from sandbox.generate import balanced_labels, generate_distributed
@@ -69,28 +76,44 @@ def _sample_from_run(cfg: Namespace):
     else:
         labels = balanced_labels(cfg.num_images, exp.num_classes)
     device = next(model.parameters()).device
+    callback = on_step(exp, labels) if on_step is not None else None  # rank 0 samples batch 0 first: it animates
     images = generate_distributed(
         exp, labels, batch_size=cfg.batch_size or sc.batch_size, seed=cfg.seed, model=model,
         num_iter=cfg.num_iter or sc.num_iter, cfg=sc.cfg if cfg.cfg is None else cfg.cfg,
         cfg_schedule=cfg.cfg_schedule or sc.cfg_schedule,
         temperature=sc.temperature if cfg.temperature is None else cfg.temperature,
         progress=cfg.progress, autocast_dtype=autocast_dtype(instantiate(exp.cfg, "train").precision, device),
+        on_step=callback,
     )
     return exp, ckpt, images, labels
 
 
 def run(cfg: Namespace) -> None:
-    from sandbox.images import save_grid, save_npz
+    from sandbox.images import save_class_grid, save_gif, save_npz
 
     out = Path(cfg.out)
     if out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png (grid) or .npz (images + labels), got {out}")
-    exp, ckpt, images, labels = sample_from_run(cfg)
+    if cfg.animate is not None and Path(cfg.animate).suffix.lower() != ".gif":
+        raise UserError(f"--animate must name a .gif file, got {cfg.animate}")
+    recorder = None
+
+    def record(exp, labels):
+        nonlocal recorder
+        from sandbox.animate import FrameRecorder
+
+        recorder = FrameRecorder(exp, labels)
+        return recorder
+
+    exp, ckpt, images, labels = sample_from_run(cfg, on_step=record if cfg.animate else None)
     if images is None:  # a rank other than 0 of a multi-process run: rank 0 writes
         return
     if out.suffix == ".png":
-        ncol = exp.num_classes if cfg.labels is None and cfg.num_images % exp.num_classes == 0 else None
-        save_grid(images, out, ncol=ncol)
+        save_class_grid(images, labels, out)  # one row per class
     else:
         save_npz(images, labels, out)
     print(f"wrote {cfg.num_images} images to {out} (step {ckpt['step']}, {'EMA' if cfg.ema else 'raw'} weights)")
+    if recorder is not None:
+        save_gif(recorder.captioned(), cfg.animate)
+        print(f"wrote {cfg.animate}: {len(recorder.frames)} frames (one per sampling step) "
+              f"of the first batch, {recorder.count} images")

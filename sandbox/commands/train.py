@@ -37,4 +37,5 @@ def run(cfg: Namespace) -> None:
         raise SystemExit(128 + summary["signal"])
     if not me.is_main:
         return  # rank 0 reports
-    print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}")
+    print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}; "
+          f"loss curve {summary.get('loss_curve')}")

@@ -1,0 +1,100 @@
+"""How well a tokenizer reconstructs images: PSNR and SSIM (torchmetrics) and LPIPS (the lpips package).
+
+LPIPS needs an ImageNet AlexNet trunk, which ``lpips.LPIPS(net='alex')`` downloads through torchvision;
+here it comes from a local file (torchvision's ``alexnet-owt-7be5be79.pth``), loaded into a trunk built
+with ``pnet_rand=True`` (no download). LPIPS' own linear layers ship inside the lpips package.
+
+References:
+    Wang et al. 2004 (SSIM: 11x11 Gaussian window, sigma 1.5); Zhang et al. 2018 (LPIPS, v0.1 AlexNet);
+    LDM / MAR tokenizer tables (rFID, PSNR, SSIM of reconstructions).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sandbox.checkpoint import load_checkpoint
+from sandbox.errors import UserError
+from sandbox.weights import find_weights
+
+LPIPS_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet (AlexNet_Weights.IMAGENET1K_V1)
+LPIPS_ENV = "SANDBOX_LPIPS_WEIGHTS"
+LPIPS_MIN_SIZE = 64  # AlexNet's strided stem and three max-pools need >= ~32 px; smaller images are upsampled for LPIPS
+
+
+def load_lpips(weights: str | None = None, device: torch.device | str = "cpu", random_trunk: bool = False):
+    """LPIPS (AlexNet, v0.1 linear layers) with its trunk from a local file; ``random_trunk`` builds it with a
+    random trunk and no file (for tests: the wiring, not the values)."""
+    import lpips
+
+    path = None if random_trunk else find_weights(
+        weights, LPIPS_ENV, (LPIPS_FILE,), "LPIPS AlexNet trunk", "--lpips_weights",
+        "torchvision's ImageNet AlexNet, AlexNet_Weights.IMAGENET1K_V1")
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
+        warnings.simplefilter("ignore")
+        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    if path is not None:
+        state = load_checkpoint(path)  # tensors only; an unreadable file is a one-line error
+        try:
+            # lpips splits torchvision's `features` into slice1..5 but keeps its module indices: slice2.3 = features.3
+            model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in model.net.state_dict()})
+        except Exception as e:  # a wrong or truncated file: one line
+            msg = " ".join(str(e).split())[:200]
+            raise UserError(f"{path} is not torchvision's AlexNet state dict ({type(e).__name__}: {msg})") from e
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reconstruction_scores(originals: Tensor, reconstructions: Tensor, lpips_model=None) -> dict[str, Tensor]:
+    """Per-image PSNR (dB), SSIM and LPIPS of (N,3,H,W) images in [-1,1] -> {name: (N,)}."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from sandbox.metrics import psnr
+
+    a = (originals.float().clamp(-1, 1) + 1) / 2  # (N, 3, H, W) in [0, 1]
+    b = (reconstructions.float().clamp(-1, 1) + 1) / 2
+    out = {
+        "psnr": psnr(originals, reconstructions),
+        "ssim": structural_similarity_index_measure(b, a, data_range=1.0, reduction="none"),
+    }
+    if lpips_model is not None:
+        x, y = a * 2 - 1, b * 2 - 1
+        if x.shape[-1] < LPIPS_MIN_SIZE:
+            x = F.interpolate(x, size=(LPIPS_MIN_SIZE,) * 2, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=(LPIPS_MIN_SIZE,) * 2, mode="bilinear", align_corners=False)
+        device = next(lpips_model.parameters()).device
+        out["lpips"] = lpips_model(x.to(device), y.to(device)).flatten().cpu()
+    return out
+
+
+def summarize(scores: dict[str, Tensor]) -> dict[str, float | str]:
+    """Means over images; an infinite PSNR (a lossless tokenizer) is reported as the string "inf" (valid JSON)."""
+    out: dict[str, float | str] = {}
+    for name, values in scores.items():
+        v = float(values.double().mean())
+        out[name] = v if math.isfinite(v) else ("inf" if v > 0 else "nan")
+    return out
+
+
+def side_by_side(originals: Tensor, reconstructions: Tensor, gap: int = 8) -> np.ndarray:
+    """Two panels, originals | reconstructions, each a square grid in the same order, titled."""
+    from PIL import Image, ImageDraw
+
+    from sandbox.images import default_upscale, make_grid
+
+    up = default_upscale(originals.shape[-1])
+    left, right = make_grid(originals, upscale=up), make_grid(reconstructions, upscale=up)
+    title = 14
+    h, w = left.shape[:2]
+    canvas = np.full((h + title, 2 * w + gap, 3), 255, dtype=np.uint8)
+    canvas[title:, :w], canvas[title:, w + gap :] = left, right
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    draw.text((2, 1), "original", fill=(0, 0, 0))
+    draw.text((w + gap + 2, 1), "reconstruction", fill=(0, 0, 0))
+    return np.asarray(img)
