@@ -33,7 +33,8 @@ from sandbox.generate import generate_many
 from sandbox.images import class_grid, save_png
 from sandbox.mar import xformers_available
 from sandbox.monitor import TensorBoardLogger, plot_metrics
-from sandbox.recipe import Experiment, TrainConfig, build, instantiate, parse_recipe, recipe_dict
+from sandbox.recipe import (Experiment, TrainConfig, build, instantiate, one_line, parse_recipe, recipe_dict,
+                            recipe_parser)
 from sandbox.reliability import BestMetric, NonFiniteGuard
 
 # recipe keys that may change when a run resumes (they do not change what is being trained)
@@ -452,13 +453,26 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     return summary
 
 
-def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto") -> tuple[Experiment, nn.Module, dict]:
-    """Rebuild a run's parts from its last checkpoint alone. Returns (experiment, model to sample, checkpoint)."""
+def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", head_args: dict | None = None
+             ) -> tuple[Experiment, nn.Module, dict]:
+    """Rebuild a run's parts from its last checkpoint alone. Returns (experiment, model to sample, checkpoint).
+
+    ``head_args`` overrides the head's init_args (sampling options such as a head's sampler or step count);
+    the overridden recipe is type-checked like any recipe and must still fit the checkpoint.
+    """
     run = RunDir(run_dir).require()
     ckpt = run.load_latest()
     if ckpt is None:
         raise UserError(f"{run.root} has no checkpoint yet; train it first")
     cfg = parse_recipe(ckpt["recipe"], origin=f"the recipe of {run.root}")
+    if head_args:
+        recipe = copy.deepcopy(ckpt["recipe"])
+        recipe["head"].setdefault("init_args", {}).update(head_args)
+        try:
+            cfg = recipe_parser().parse_object(recipe)
+        except Exception as e:
+            raise UserError(f"--head_args {head_args} do not fit head {recipe['head']['class_path']}: "
+                            f"{one_line(e)}") from e
     if cfg.model.attention == "xformers" and not xformers_available():
         cfg.model.attention = "sdpa"  # same math; a run trained on GPUs with xformers still samples anywhere
     exp = build(cfg, meta=ckpt["meta"])

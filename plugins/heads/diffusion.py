@@ -1,15 +1,40 @@
 """MAR's Diffusion Loss: a small AdaLN MLP trained as a per-token denoising diffusion model.
 
 Training draws t ~ U{0..999} and noise per row and minimises eps-MSE + VLB
-(learned variance). Sampling runs the respaced DDPM reverse process with the
-noise scaled by ``temperature`` and classifier-free guidance on eps.
+(learned variance). Three samplers, all with classifier-free guidance on eps:
+
+- ``ddpm`` (default, official): the respaced DDPM reverse process with the
+  learned variance; ``temperature`` scales the noise added at every step.
+- ``ddim`` and ``dpm++``: deterministic ODE solvers (diffusers' DDIMScheduler,
+  eta 0, and DPMSolverMultistepScheduler, DPM-Solver++ 2M); there is no noise
+  after the start, so ``temperature`` scales the initial noise x_T (for a
+  Gaussian target the probability-flow ODE is affine in x_T, so the sample
+  spread shrinks by exactly that factor). The learned variance is not used.
+
+How diffusers' schedulers are fitted to this model (checked against diffusers 0.42):
+the training schedule is passed as ``trained_betas`` (our cosine betas equal
+diffusers' ``squaredcos_cap_v2`` in float32; tests/test_heads.py checks it), and
+the schedulers are given x0 (``prediction_type="sample"``), which the head forms
+from its eps half with the same float64 tables as the DDPM path and clips with
+``x0_clip``. Their own options do not fit: ``variance_type="learned_range"``
+keeps ``model_output[:, :3]`` (the eps half of a 6-channel RGB image model; our
+output is (N, 2C)); DPM-Solver's x0 "thresholding" is Imagen's per-sample quantile
+rescaling (a plain clip only when the bound is 1.0) and raises a TypeError on
+(N, C) tensors. Clipping x0 in the head keeps ``x0_clip`` the same plain clamp
+for all three samplers.
 
 References:
     MAR sec. 3.2-3.3 ("Diffusion Loss"), official models/diffloss.py; improved DDPM (see gaussian_diffusion.py).
+    Song et al., "Denoising Diffusion Implicit Models", ICLR 2021 (DDIM).
+    Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", 2022.
+    Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024 ("trailing" spacing).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
 from plugins.heads.gaussian_diffusion import GaussianDiffusion
@@ -18,9 +43,10 @@ from sandbox.layers import AdaLNMLP
 
 
 class DiffusionHead(Head):
-    """Diffusion Loss (MAR): eps-prediction DDPM on each token, learned variance, respaced sampling."""
+    """Diffusion Loss (MAR): eps-prediction DDPM on each token, learned variance; DDPM, DDIM or DPM-Solver++ sampling."""
 
     contract_args = {"width": 32, "depth": 1, "num_sampling_steps": 5}
+    SAMPLERS = ("ddpm", "ddim", "dpm++")
 
     def __init__(
         self,
@@ -30,17 +56,45 @@ class DiffusionHead(Head):
         depth: int = 6,  # MAR-B: 6 residual blocks (L: 8, H: 12)
         noise_schedule: str = "cosine",  # official: cosine (improved DDPM)
         train_steps: int = 1000,  # official: 1000 training timesteps
-        num_sampling_steps: int = 100,  # official: 100 respaced steps for generation
+        num_sampling_steps: int = 100,  # official: 100 respaced steps for generation (any sampler)
         x0_clip: float | None = None,  # None = official (no clipping); 1.0 for data bounded in [-1, 1]
         grad_checkpointing: bool = False,  # recompute blocks in backward to save memory
+        sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm",  # official: respaced DDPM (the parity tests use it)
     ):
         super().__init__(token_dim, cond_dim)
-        self.x0_clip = x0_clip
+        if sampler not in self.SAMPLERS:  # jsonargparse checks recipes; this guards direct construction
+            raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(self.SAMPLERS)}")
+        # respacing DDPM to one step keeps only t=0, which has no posterior variance (the official code fails too)
+        low = 2 if sampler == "ddpm" else 1
+        if not low <= num_sampling_steps <= train_steps:
+            raise ValueError(f"num_sampling_steps must be in [{low}, {train_steps}] for sampler {sampler!r}, "
+                             f"got {num_sampling_steps}")
+        self.x0_clip, self.sampler, self.num_sampling_steps = x0_clip, sampler, num_sampling_steps
         self.width = width
         # the network predicts eps (C channels) and the variance interpolation (C channels)
         self.net = AdaLNMLP(token_dim, width, 2 * token_dim, cond_dim, depth, grad_checkpointing)
         self.train_diffusion = GaussianDiffusion.create(noise_schedule, train_steps)
         self.sample_diffusion = GaussianDiffusion.create(noise_schedule, train_steps, num_sampling_steps)
+        self.scheduler = self.make_scheduler(sampler, self.train_diffusion.betas.tolist())
+
+    @staticmethod
+    def make_scheduler(sampler: str, betas: list[float]):
+        """The diffusers scheduler of an ODE sampler on the training betas, fed x0 predictions; None for ddpm."""
+        if sampler == "ddim":
+            # "trailing" spacing starts at t = T-1 like the respaced DDPM (the default "leading" would start at
+            # 950 of 1000 with 20 steps, where the cosine schedule still keeps 7% of the signal). diffusers' DDIM
+            # steps to t - T // N, which is one timestep off the next listed t when N does not divide T.
+            return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, prediction_type="sample",
+                                 clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        if sampler == "dpm++":
+            # DPM-Solver++(2M), the paper's choice for guided sampling. lambda_min_clipped: diffusers documents the
+            # clip of log(alpha/sigma) as critical for the cosine schedule; -5.1 starts at t=995 instead of 999
+            # (1/alpha ~ 160 instead of 2e4 on the eps error): without it, an unclipped young model's samples explode
+            return DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
+                                               prediction_type="sample", algorithm_type="dpmsolver++",
+                                               solver_order=2, lower_order_final=True, final_sigmas_type="zero",
+                                               lambda_min_clipped=-5.1)
+        return None
 
     # ----------------------------------------------------------------------------------
     def losses(self, target: Tensor, cond: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -101,6 +155,21 @@ class DiffusionHead(Head):
             self._t_cache = cached = (key, embed)
         return cached[1]
 
+    def predict_x0(self, x: Tensor, t: Tensor, c_emb: Tensor, cfg: float) -> Tensor:
+        """x0 at original timestep t (1,) from the guided eps, clipped to ``x0_clip`` when set (N, C)."""
+        eps, _ = self.guided_output(x, t, c_emb, cfg)  # the variance half is for the stochastic DDPM only
+        x0 = self.train_diffusion.predict_x0(x, t, eps.float())  # float64 tables, as in the DDPM path
+        return x0 if self.x0_clip is None else x0.clamp(-self.x0_clip, self.x0_clip)
+
+    def sample_ode(self, x: Tensor, c_emb: Tensor, cfg: float) -> Tensor:
+        """Run the DDIM / DPM-Solver++ scheduler from x = x_T (N, C) to x_0; deterministic."""
+        sched = self.scheduler
+        sched.set_timesteps(self.num_sampling_steps)  # also resets the multistep history
+        for t in sched.timesteps:
+            x0 = self.predict_x0(x, t.reshape(1).to(x.device), c_emb, cfg)  # (N, C)
+            x = sched.step(x0, t, x).prev_sample  # (N, C)
+        return x
+
     @torch.no_grad()
     def sample(self, cond: Tensor, temperature: float = 1.0, cfg: float = 1.0, uncond: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
@@ -112,8 +181,10 @@ class DiffusionHead(Head):
         guided = uncond is not None and cfg != 1.0
         net, d = self.net, self.sample_diffusion
         c_emb = net.embed_cond(torch.cat([cond, uncond]) if guided else cond)  # (N or 2N, W), once
-        t_emb = self._step_embeddings(cond.device)  # (1, W) per step: one t for all rows
         x = torch.randn(N, C, device=cond.device, generator=generator)  # (N, C)
+        if self.scheduler is not None:  # ODE samplers: no noise after x_T, so temperature scales x_T
+            return self.sample_ode(x * temperature, c_emb, cfg)
+        t_emb = self._step_embeddings(cond.device)  # (1, W) per step: one t for all rows
         for i in reversed(range(d.num_steps)):
             noise = torch.randn(x.shape, device=x.device, generator=generator)
             y_act = torch.nn.functional.silu(t_emb[i] + c_emb)  # (N or 2N, W)

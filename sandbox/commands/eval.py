@@ -88,12 +88,14 @@ def _run(cfg: Namespace) -> None:
         from sandbox.recipe import instantiate
         from sandbox.train import autocast_dtype, load_run
 
-        exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device)
+        exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
         run_root = Path(cfg.run_dir)
         scorer = instantiate(exp.cfg, "data").scorer()
         if scorer is None and not inception:
             raise UserError(f"dataset {exp.cfg.data.class_path} has no offline scorer; pass --ref REF for FID / IS")
         result.update(run_dir=str(cfg.run_dir), step=int(ckpt["step"]), ema=cfg.ema, seed=cfg.seed)
+        if cfg.head_args:
+            result["head_args"] = cfg.head_args
         if given is None:
             sc = instantiate(exp.cfg, "sample")
             settings = {
@@ -103,6 +105,8 @@ def _run(cfg: Namespace) -> None:
                 "temperature": float(sc.temperature if cfg.temperature is None else cfg.temperature),
                 "step": int(ckpt["step"]), "ema": cfg.ema,
             }
+            if cfg.head_args:  # another sampler is another evaluation set (the samples are cached by settings)
+                settings["head_args"] = cfg.head_args
             device = next(model.parameters()).device
             t0 = time.perf_counter()
             images, labels, path, reused = eval_samples(

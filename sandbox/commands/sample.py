@@ -26,6 +26,9 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> 
     p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's).")
     p.add_argument("--cfg_schedule", type=str | None, default=None, help="linear or constant (default: the recipe's).")
     p.add_argument("--temperature", type=float | None, default=None, help="Head temperature (default: the recipe's).")
+    p.add_argument("--head_args", type=dict | None, default=None,
+                   help="Override the head's init_args for sampling, e.g. '{sampler: dpm++, num_sampling_steps: 20}' "
+                        "(see `sandbox plugins`); arguments that change the head's weights do not fit the checkpoint.")
     p.add_argument("--seed", type=int, default=0, help="Fixes the samples.")
     p.add_argument("--batch_size", type=int | None, default=None, help="Images per batch (default: the recipe's).")
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights.")
@@ -66,7 +69,7 @@ def _sample_from_run(cfg: Namespace, on_step=None):
 
     if cfg.num_images < 1:
         raise UserError("--num_images must be >= 1")
-    exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device)
+    exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
     sc = instantiate(exp.cfg, "sample")
     if cfg.labels:
         bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
