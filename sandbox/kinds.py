@@ -235,7 +235,8 @@ class Head(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """cond (N,D) -> samples (N,C). With ``uncond`` (N,D) and ``cfg`` != 1, classifier-free
-        guidance mixes the two conditions with scale ``cfg``."""
+        guidance mixes the two conditions with scale ``cfg``. ``temperature`` < 1 narrows the
+        distribution; each head documents what it scales (e.g. DDPM's per-step noise, an ODE's initial noise)."""
         raise NotImplementedError
 
 

@@ -16,9 +16,12 @@ only while t lies in ``guidance_interval``.
 
 Temperature: the initial noise is scaled, x_1 = temperature * e (the reduced-
 temperature sampling of Glow). For a Gaussian target the flow map of this path
-is affine in x_1, so temperature T scales every class's standard deviation by
-exactly T; for a mixture it also concentrates samples on the modes. 1.0 samples
-the learned distribution.
+is affine in x_1, so temperature T scales the standard deviation by exactly T.
+For a mixture it is not a tempered density: the modes stay in place and the
+total spread shrinks less (two far modes keep ~0.9 of it at T = 0.5 in
+tests/test_heads.py), and noise from the middle of the Gaussian, which the
+flow splits between modes, lands between them. 1.0 samples the learned
+distribution.
 
 The Euler/Heun loop is written here, not taken from diffusers'
 FlowMatchEuler/HeunDiscreteScheduler, because their grid is built for models
