@@ -250,6 +250,25 @@ def test_head_args_switch_the_sampler_of_a_trained_run(tmp_path, capsys, head, s
     assert not (tmp_path / "x.png").exists()
 
 
+def test_eval_with_head_args_scores_its_own_samples(tmp_path, capsys):
+    # eval caches its sample set by the sampling settings: another sampler must not reuse the default's samples
+    import json
+
+    from sandbox.cli import main
+
+    run = tiny_run(tmp_path, {"class_path": "DiffusionHead", "init_args": {"width": 32, "depth": 1,
+                                                                           "num_sampling_steps": 4}})
+    results = []
+    for extra in ([], ["--head_args", "{sampler: ddim, num_sampling_steps: 3}"]):
+        out = tmp_path / f"e{len(results)}.json"
+        assert main(["eval", "--run_dir", str(run), "--num_images", "10", "--num_iter", "2", "--json", str(out),
+                     *extra]) == 0
+        results.append(json.loads(out.read_text()))
+    capsys.readouterr()
+    assert "head_args" not in results[0] and results[1]["head_args"] == {"sampler": "ddim", "num_sampling_steps": 3}
+    assert results[0]["samples"] != results[1]["samples"]
+
+
 @pytest.mark.parametrize("recipe", ["quickstart_flow.yaml", "pixels_digits32_xpred.yaml"])
 def test_recipes_build(recipe):
     from sandbox.recipe import build, recipe_parser
