@@ -101,15 +101,21 @@ SLOT_HELP = {
 }
 
 
-def add_recipe_arguments(parser: ArgumentParser) -> None:
+def add_run_arguments(parser: ArgumentParser, seed_help: str, plugins_help: str) -> None:
+    """The arguments every recipe-driven command shares (the CLI resolves --base and --plugins before parsing)."""
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
-    parser.add_argument("--seed", type=int, default=0, help="Fixes initialisation, data order and all sampling.")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--base", type=Optional[str], default=None,
                         help="A recipe this one builds on, relative to this recipe file: the CLI applies it first "
                              "(as an earlier --config), then this one; never stored (see docs/writing-plugins.md).")
-    parser.add_argument("--plugins", type=list[str], default=[],
-                        help="Plugin files (.py) the recipe needs, relative to the recipe file; the CLI loads them "
-                             "before parsing and stores them as absolute paths (see docs/writing-plugins.md).")
+    parser.add_argument("--plugins", type=list[str], default=[], help=plugins_help)
+
+
+def add_recipe_arguments(parser: ArgumentParser) -> None:
+    add_run_arguments(parser, seed_help="Fixes initialisation, data order and all sampling.",
+                      plugins_help="Plugin files (.py) the recipe needs, relative to the recipe file; the CLI loads "
+                                   "them before parsing and stores them as absolute paths (see "
+                                   "docs/writing-plugins.md).")
     for key, typ in SLOT_TYPES.items():
         if key in ("model", "train", "sample"):
             parser.add_argument(f"--{key}", type=typ, default=typ(), help=SLOT_HELP[key])

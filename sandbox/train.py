@@ -230,6 +230,16 @@ def _differences(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
 
 
+def check_run_recipe(run: RunDir, recipe: dict) -> None:
+    """Refuse to continue a run directory that holds a different recipe (the resumable keys aside)."""
+    if not run.exists():
+        return
+    diffs = _differences(run.read_recipe(), recipe)
+    if diffs:
+        raise UserError(f"run directory {run.root} holds a different recipe ({'; '.join(diffs[:3])}); "
+                        "use a new --run_dir or the stored recipe")
+
+
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
@@ -274,11 +284,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     main = dist_info.is_main
     run = RunDir(run_dir)
     recipe = recipe_dict(cfg)
-    if run.exists():
-        diffs = _differences(run.read_recipe(), recipe)
-        if diffs:
-            raise UserError(f"run directory {run.root} holds a different recipe ({'; '.join(diffs[:3])}); "
-                            "use a new --run_dir or the stored recipe")
+    check_run_recipe(run, recipe)
     tc: TrainConfig = instantiate(cfg, "train")
     if tc.grad_accum < 1:
         raise UserError(f"--train.grad_accum must be >= 1, got {tc.grad_accum}")

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -35,10 +35,10 @@ from sandbox.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
 from sandbox.errors import UserError
 from sandbox.kinds import Dataset
 from sandbox.metrics import psnr
-from sandbox.recipe import TrainConfig, instantiate, one_line
+from sandbox.recipe import TrainConfig, add_run_arguments, instantiate, one_line
 from sandbox.reliability import NonFiniteGuard
-from sandbox.train import (_differences, _StopRequested, autocast_dtype, base_lr, batches, ema_decay_at, ema_update,
-                           lr_at, resolve_device, rng_state, set_rng_state)
+from sandbox.train import (_StopRequested, autocast_dtype, base_lr, batches, check_run_recipe, ema_decay_at,
+                           ema_update, lr_at, resolve_device, rng_state, set_rng_state)
 
 EVAL_IMAGES = 512  # images (seeded sample) for the final reconstruction PSNR and the exported latent scale
 LPIPS_MIN_SIZE = 64  # VGG's four and AlexNet's three poolings need larger inputs: smaller images are upsampled
@@ -95,14 +95,9 @@ class LossConfig:
 
 
 def add_tokenizer_recipe_arguments(parser: ArgumentParser) -> None:
-    parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
-    parser.add_argument("--seed", type=int, default=0, help="Fixes initialisation, data order and posterior samples.")
-    parser.add_argument("--base", type=Optional[str], default=None,
-                        help="A recipe this one builds on, relative to this recipe file: the CLI applies it first "
-                             "(as an earlier --config), then this one; never stored (see docs/writing-plugins.md).")
-    parser.add_argument("--plugins", type=list[str], default=[],
-                        help="Plugin files (.py) the recipe needs (a dataset), relative to the recipe file; the CLI "
-                             "loads them before parsing and stores them as absolute paths.")
+    add_run_arguments(parser, seed_help="Fixes initialisation, data order and posterior samples.",
+                      plugins_help="Plugin files (.py) the recipe needs (a dataset), relative to the recipe file; "
+                                   "the CLI loads them before parsing and stores them as absolute paths.")
     parser.add_argument("--data", type=Dataset, required=True, help="Dataset plugin (the images to reconstruct).")
     parser.add_argument("--autoencoder", type=AutoencoderConfig, default=AutoencoderConfig(),
                         help="The diffusers AutoencoderKL to train.")
@@ -258,11 +253,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     """Train (or resume) the tokenizer recipe ``cfg`` in ``run_dir``. Returns a summary dict."""
     run = RunDir(run_dir)
     recipe = tokenizer_recipe_dict(cfg)
-    if run.exists():
-        diffs = _differences(run.read_recipe(), recipe)
-        if diffs:
-            raise UserError(f"run directory {run.root} holds a different recipe ({'; '.join(diffs[:3])}); "
-                            "use a new --run_dir or the stored recipe")
+    check_run_recipe(run, recipe)
     tc: TrainConfig = _slot(cfg, "train", TrainConfig)
     lc: LossConfig = _slot(cfg, "loss", LossConfig)
     ac: AutoencoderConfig = _slot(cfg, "autoencoder", AutoencoderConfig)
