@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from sandbox.allocator import keep_freed_memory
 from sandbox.errors import UserError
 from sandbox.recipe import one_line
 
@@ -212,6 +213,7 @@ def run(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()  # fewer page faults on large CPU tensors (sandbox/allocator.py)
     try:
         run(argv)
     except UserError as e:

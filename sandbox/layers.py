@@ -20,7 +20,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, fused: bool = False) -> Tensor:
+    """x * (1 + scale) + shift; ``fused`` computes it as one multiply-add (see ``ResBlock``)."""
+    if fused:
+        return torch.addcmul(shift, x, 1 + scale)
     return x * (1 + scale) + shift
 
 
@@ -48,13 +51,19 @@ class TimestepEmbedder(nn.Module):
             # a training batch has many rows but at most T distinct timesteps: embed each once, then gather
             # (same values; the official embeds every row, which costs as much as a residual block)
             uniq, inverse = torch.unique(t, return_inverse=True)
-            return self.mlp(timestep_embedding(uniq, self.frequency_dim))[inverse]  # (N, width)
+            # index_select: its backward is index_add_, ~2x faster on the CPU than indexing's index_put_
+            return self.mlp(timestep_embedding(uniq, self.frequency_dim)).index_select(0, inverse)  # (N, width)
         return self.mlp(timestep_embedding(t, self.frequency_dim))  # (N, width)
 
 
 # The official modules hold their modulation as Sequential(SiLU, Linear) and apply SiLU(y) once per
 # block. The SiLU is the same for every block, so AdaLNMLP applies it once and the blocks take the
 # activated condition ``y_act``; the Sequential stays for the official parameter names.
+#
+# In training mode the blocks use fused multiply-adds (torch.addcmul): one pass over the activations instead
+# of two, ~7% of a fixture training step (measured 208 -> 192 ms). They round differently from the official
+# order (1 ulp), so evaluation keeps the official order: the sampler divides by sqrt(alpha_bar) ~ 5e-5 at
+# t = 999 and would turn that ulp into ~1e-3 in x0, where the parity tests expect the official numbers.
 class ResBlock(nn.Module):
     """x + gate * MLP(modulate(LN(x), shift, scale)), with (shift, scale, gate) from SiLU(y)."""
 
@@ -66,7 +75,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
         shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)  # 3 x (N, W)
-        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))  # (N, W)
+        h = self.mlp(modulate(self.in_ln(x), shift, scale, fused=self.training))  # (N, W)
+        return torch.addcmul(x, gate, h) if self.training else x + gate * h  # (N, W)
 
 
 class FinalLayer(nn.Module):
@@ -78,7 +88,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation[1](y_act).chunk(2, dim=-1)  # 2 x (N, W)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, out)
+        return self.linear(modulate(self.norm_final(x), shift, scale, fused=self.training))  # (N, out)
 
 
 class AdaLNMLP(nn.Module):

@@ -43,8 +43,11 @@ class MAR(nn.Module):
         B = seq.shape[0]
         drop = torch.rand(B, device=seq.device, generator=generator) < cfg.label_drop_prob  # (B,) label drop for CFG
         z = self.transformer(split.inputs, split.visible, labels, drop)  # (B, L, D)
-        rows = split.weight > 0  # (B, L)
-        target, cond, weight = seq[rows], z[rows], split.weight[rows]  # (N, C), (N, D), (N,)
+        # the positions with loss, row-major (= boolean indexing; index_select's backward is ~8x cheaper on the CPU)
+        rows = (split.weight > 0).reshape(-1).nonzero().squeeze(1)  # (N,)
+        target = seq.reshape(-1, seq.shape[-1]).index_select(0, rows)  # (N, C)
+        cond = z.reshape(-1, z.shape[-1]).index_select(0, rows)  # (N, D)
+        weight = split.weight.reshape(-1)[rows]  # (N,)
         mul = cfg.head_batch_mul
         with self.head_precision(cond):
             if self.head_fp32:

@@ -88,3 +88,108 @@ def test_gradient_checkpointing_changes_no_gradient():
     plain, checkpointed = grads(False), grads(True)
     for name, g in plain.items():
         assert torch.allclose(g, checkpointed[name], atol=1e-6), name
+
+
+# --------------------------------------------------------------------------------------
+# CPU kernels: the cheaper dropout mask, explicit (chunked) attention, fused training multiply-adds
+# --------------------------------------------------------------------------------------
+def test_cpu_dropout_mask_rate_scale_and_seed():
+    from sandbox.dropout import dropout
+
+    x = torch.ones(512, 1024)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1)
+    kept = y[y != 0]
+    assert abs((y == 0).float().mean().item() - 0.1) < 2e-3  # 524k draws: 4 standard deviations
+    assert torch.all(kept == kept[0]) and abs(kept[0].item() - 1 / (1 - 3277 / 32768)) < 1e-6
+    assert abs(y.mean().item() - 1.0) < 3e-3  # the expectation is the input
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1), y)  # the default generator's seed fixes the mask
+    assert not torch.equal(dropout(x, 0.1), y)
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    half = dropout(torch.ones(64, 64, dtype=torch.bfloat16), 0.1)  # other dtypes: F.dropout, dtype kept
+    assert half.dtype == torch.bfloat16
+
+
+def test_cpu_dropout_gradient_uses_the_forward_mask():
+    from sandbox.dropout import dropout
+
+    x = torch.randn(300, 70, requires_grad=True)
+    y = dropout(x, 0.3)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad == 0, y == 0)
+    assert torch.allclose(x.grad[y != 0], (y / x)[y != 0])
+
+
+def test_transformer_blocks_use_the_cpu_dropout():
+    from sandbox.dropout import Dropout
+
+    tr = MARTransformer(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32,
+                                  decoder_depth=1, decoder_heads=2, proj_dropout=0.2), 16, 5, 4)
+    drops = [m for m in tr.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is Dropout for m in drops)
+    assert {m.p for m in drops} == {0.2, 0.1}  # proj/MLP 0.2, attention 0.1: p kept
+
+
+def test_explicit_attention_equals_sdpa():
+    from sandbox.mar import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    for B, H, Tq, T, d in ((5, 2, 9, 9, 8), (7, 3, 4, 30, 16), (2, 1, 1, 1, 4)):
+        q, k, v = (torch.randn(B, H, n, d, generator=g) for n in (Tq, T, T))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        for block in (1 << 18, 2 * H * Tq * T, 1):  # one chunk, chunks of two rows, one row at a time
+            assert (explicit_attention(q, k, v, d ** -0.5, block=block) - want).abs().max() < 1e-6
+
+
+def test_mar_attention_matches_timm_on_short_and_long_sequences():
+    from timm.layers import Attention
+
+    from sandbox.mar import MARAttention
+
+    ours, ref = MARAttention(32, num_heads=4).eval(), Attention(32, num_heads=4).eval()
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    for T in (20, MARAttention.cpu_explicit_max_keys + 40):  # explicit path, then SDPA's kernel
+        x = torch.randn(3, T, 32, generator=g)
+        with torch.no_grad():
+            assert (ours(x) - ref(x)).abs().max() < 1e-5
+
+
+def test_fused_training_head_equals_the_official_order():
+    head = randomized(DiffusionHead(6, 16, width=24, depth=2))
+    x, t, z = torch.randn(50, 6), torch.randint(0, 1000, (50,)), torch.randn(50, 16)
+    with torch.no_grad():
+        official = head.net(x, t, z)  # eval: the official order of operations
+        fused = head.net.train()(x, t, z)  # training: torch.addcmul
+    assert (fused - official).abs().max() < 1e-5
+
+
+def test_gradient_checkpointing_replays_the_dropout_masks():
+    from sandbox.model import MAR
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
+                        decoder_heads=2, buffer_size=2, attn_dropout=0.3, proj_dropout=0.3,
+                        grad_checkpointing=checkpointing)
+        model = MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=2)).train()
+        seq = torch.randn(3, 16, 5, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        torch.manual_seed(3)  # the dropout masks
+        model(seq, RandomOrdering((4, 4)).training_split(seq, g), torch.arange(3), g).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], atol=1e-6), name
+
+
+def test_keep_freed_memory_opt_out(monkeypatch):
+    from sandbox.allocator import keep_freed_memory
+
+    monkeypatch.setenv("SANDBOX_MALLOC", "default")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("SANDBOX_MALLOC")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # a user's own malloc settings win
+    assert keep_freed_memory() is False
