@@ -260,8 +260,9 @@ class MARTransformer(nn.Module):
         With ``query`` (B, L) bool (the same count per row), only those positions' conditions,
         (N, Dd) in row-major order (= the full output indexed by ``query``): the last block then
         computes keys and values for every position but queries, projections and its MLP only
-        there -- a sampling step needs the few positions it predicts (same values within float
-        rounding; the official decodes every position and then selects).
+        there -- a sampling step needs the few positions it predicts, a training step the ones
+        with loss (same values within float rounding; the official decodes every position and
+        then selects).
         """
         B = x.shape[0]
         buf = self.config.buffer_size
@@ -271,15 +272,19 @@ class MARTransformer(nn.Module):
         x = full + self.decoder_pos_embed_learned  # (B, buf+L, Dd)
         if self.num_groups > 1:
             x[:, buf:] = x[:, buf:] + self.decoder_group_embed(self.groups)
-        if query is None or self.training or not self.decoder_blocks:
+        if query is None or not self.decoder_blocks:
             x = self._run(self.decoder_blocks, x)  # (B, buf+L, Dd)
             x = self.decoder_norm(x)
             z = x[:, buf:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
             return z if query is None else z[query]
         q_idx = query.nonzero()[:, 1].view(B, -1)  # (B, Q) sequence positions, ascending per row
         x = self._run(self.decoder_blocks[:-1], x)  # (B, buf+L, Dd)
-        x = _block_at(self.decoder_blocks[-1], x, q_idx + buf)  # (B, Q, Dd)
-        x = self.decoder_norm(x) + self.diffusion_pos_embed_learned[0][q_idx]  # (B, Q, Dd)
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x = checkpoint(_block_at, self.decoder_blocks[-1], x, q_idx + buf, use_reentrant=False)
+        else:
+            x = _block_at(self.decoder_blocks[-1], x, q_idx + buf)  # (B, Q, Dd)
+        pos = self.diffusion_pos_embed_learned[0].index_select(0, q_idx.reshape(-1)).view(B, -1, x.shape[-1])
+        x = self.decoder_norm(x) + pos  # (B, Q, Dd)
         return x.reshape(-1, x.shape[-1])  # (N, Dd)
 
     def forward(self, tokens: Tensor, visible: Tensor, labels: Tensor | None, uncond: Tensor | None = None,
@@ -296,8 +301,9 @@ class MARTransformer(nn.Module):
 
 
 def _block_at(blk: Block, x: Tensor, rows: Tensor) -> Tensor:
-    """A timm ``Block`` (eval mode, no layer scale or drop path) evaluated only at ``rows`` (B, Q) of x (B, T, D):
-    every position is a key and a value, only ``rows`` are queries. Returns (B, Q, D)."""
+    """A timm ``Block`` (no layer scale or drop path, as MAR builds them; dropout as the block's own modules)
+    evaluated only at ``rows`` (B, Q) of x (B, T, D): every position is a key and a value, only ``rows`` are
+    queries. Returns (B, Q, D)."""
     attn = blk.attn
     B, T, D = x.shape
     H, d = attn.num_heads, attn.head_dim
@@ -308,5 +314,5 @@ def _block_at(blk: Block, x: Tensor, rows: Tensor) -> Tensor:
     q = F.linear(torch.gather(h, 1, take), w[:D], None if b is None else b[:D])  # (B, Q, D)
     q = q.view(B, -1, H, d).transpose(1, 2)  # (B, H, Q, d)
     out = attn.attend(attn.q_norm(q), attn.k_norm(k), v)  # (B, H, Q, d)
-    xq = torch.gather(x, 1, take) + attn.proj(attn.norm(out.transpose(1, 2).reshape(B, -1, D)))  # (B, Q, D)
+    xq = torch.gather(x, 1, take) + attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(B, -1, D))))
     return xq + blk.mlp(blk.norm2(xq))  # (B, Q, D)

@@ -42,12 +42,17 @@ class MAR(nn.Module):
         cfg = self.transformer.config
         B = seq.shape[0]
         drop = torch.rand(B, device=seq.device, generator=generator) < cfg.label_drop_prob  # (B,) label drop for CFG
-        z = self.transformer(split.inputs, split.visible, labels, drop)  # (B, L, D)
+        has_loss = split.weight > 0  # (B, L)
         # the positions with loss, row-major (= boolean indexing; index_select's backward is ~8x cheaper on the CPU)
-        rows = (split.weight > 0).reshape(-1).nonzero().squeeze(1)  # (N,)
+        rows = has_loss.reshape(-1).nonzero().squeeze(1)  # (N,)
         target = seq.reshape(-1, seq.shape[-1]).index_select(0, rows)  # (N, C)
-        cond = z.reshape(-1, z.shape[-1]).index_select(0, rows)  # (N, D)
         weight = split.weight.reshape(-1)[rows]  # (N,)
+        counts = has_loss.sum(1)  # (B,)
+        if bool((counts == counts[:1]).all()) and len(rows):  # the usual case: the last decoder block works only where the loss is
+            cond = self.transformer(split.inputs, split.visible, labels, drop, query=has_loss)  # (N, D)
+        else:
+            z = self.transformer(split.inputs, split.visible, labels, drop)  # (B, L, D)
+            cond = z.reshape(-1, z.shape[-1]).index_select(0, rows)  # (N, D)
         mul = cfg.head_batch_mul
         with self.head_precision(cond):
             if self.head_fp32:

@@ -53,6 +53,23 @@ def test_decoding_only_the_predicted_positions():
         known |= step.predict
 
 
+def test_training_decodes_only_the_loss_positions():
+    cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
+                    decoder_heads=2, buffer_size=3, attn_dropout=0.0, proj_dropout=0.0)
+    tr = randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4)).train()
+    seq, labels = torch.randn(4, 16, 5), torch.arange(4)
+    split = RandomOrdering((4, 4)).training_split(seq, torch.Generator().manual_seed(0))
+    loss_at = split.weight > 0
+    full = tr(split.inputs, split.visible, labels)[loss_at]  # (N, D)
+    part = tr(split.inputs, split.visible, labels, query=loss_at)  # (N, D)
+    assert (part - full).abs().max() < 1e-6
+    up = torch.randn(full.shape)
+    g_full = torch.autograd.grad(full, list(tr.parameters()), up, allow_unused=True)
+    g_part = torch.autograd.grad(part, list(tr.parameters()), up, allow_unused=True)
+    for a, b in zip(g_full, g_part):
+        assert (a is None and b is None) or (a - b).abs().max() < 1e-5
+
+
 def test_decoder_nll_only_where_t_is_zero():
     head = randomized(DiffusionHead(6, 16, width=24, depth=1))
     d = head.train_diffusion
@@ -161,8 +178,29 @@ def test_fused_training_head_equals_the_official_order():
     x, t, z = torch.randn(50, 6), torch.randint(0, 1000, (50,)), torch.randn(50, 16)
     with torch.no_grad():
         official = head.net(x, t, z)  # eval: the official order of operations
-        fused = head.net.train()(x, t, z)  # training: torch.addcmul
+        fused = head.net.train()(x, t, z)  # training: the fused residual blocks
     assert (fused - official).abs().max() < 1e-5
+
+
+def test_fused_residual_block_gradients():
+    from sandbox.adaln_fused import fused_res_block
+    from sandbox.layers import ResBlock
+
+    block = randomized(ResBlock(12).double())
+    with torch.no_grad():
+        for p in block.parameters():
+            p.mul_(6.0)  # modulations of order 1: every term of the backward matters
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(7, 12, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    up = torch.randn(7, 12, dtype=torch.float64, generator=g)
+    grads = {}
+    for name, fn in (("fused", lambda: fused_res_block(block, x, y)), ("autograd", lambda: block(x, y))):
+        out = fn()
+        inputs = (x, y, *block.parameters())
+        grads[name] = (out, *torch.autograd.grad(out, inputs, up))
+    for a, b in zip(grads["fused"], grads["autograd"]):  # the module in eval mode: plain autograd
+        assert (a - b).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(lambda x, y: fused_res_block(block, x, y), (x, y))
 
 
 def test_gradient_checkpointing_replays_the_dropout_masks():
