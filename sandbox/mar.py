@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sandbox.dropout import dropout, replace_dropout
+from sandbox.dropout import apply_mask, cpu_mask, dropout, replace_dropout
 from sandbox.errors import UserError
 
 
@@ -117,18 +117,22 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, p: float =
                        block: int = 1 << 18) -> Tensor:
     """softmax(q k^T * scale) v with dropout p on the probabilities, a few batch rows at a time so that one
     chunk's scores (at most ``block`` floats, 1 MiB: a core's L2) stay in the cache; the whole (B, H, Tq, T)
-    score tensor of a batch would be written to memory and read back three times.
+    score tensor of a batch would be written to memory and read back three times. The CPU dropout mask is
+    drawn once for the whole batch (one call instead of one per chunk).
     (B, H, Tq, d), 2 x (B, H, T, d) -> (B, H, Tq, d)."""
     B, H, Tq, _ = q.shape
     rows = max(1, block // (H * Tq * k.shape[-2]))
+    cpu_drop = p > 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
+    mask = cpu_mask((B, H, Tq, k.shape[-2]), p) if cpu_drop else None  # (B, H, Tq, T)
 
-    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        attn = (q * scale) @ k.transpose(-2, -1)  # (b, H, Tq, T)
-        return dropout(attn.softmax(dim=-1), p) @ v  # (b, H, Tq, d)
+    def attend(i: int, j: int) -> Tensor:
+        probs = ((q[i:j] * scale) @ k[i:j].transpose(-2, -1)).softmax(dim=-1)  # (b, H, Tq, T)
+        probs = apply_mask(probs, mask[i:j]) if mask is not None else dropout(probs, p)
+        return probs @ v[i:j]  # (b, H, Tq, d)
 
     if rows >= B:
-        return attend(q, k, v)
-    return torch.cat([attend(q[i:i + rows], k[i:i + rows], v[i:i + rows]) for i in range(0, B, rows)])
+        return attend(0, B)
+    return torch.cat([attend(i, i + rows) for i in range(0, B, rows)])
 
 
 def set_attention_backend(transformer: nn.Module, backend: str) -> None:

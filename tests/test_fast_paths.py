@@ -118,7 +118,7 @@ def test_cpu_dropout_mask_rate_scale_and_seed():
     y = dropout(x, 0.1)
     kept = y[y != 0]
     assert abs((y == 0).float().mean().item() - 0.1) < 2e-3  # 524k draws: 4 standard deviations
-    assert torch.all(kept == kept[0]) and abs(kept[0].item() - 1 / (1 - 3277 / 32768)) < 1e-6
+    assert torch.all(kept == kept[0]) and abs(kept[0].item() - 1 / (1 - 6554 / 65536)) < 1e-6
     assert abs(y.mean().item() - 1.0) < 3e-3  # the expectation is the input
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.1), y)  # the default generator's seed fixes the mask
@@ -231,3 +231,17 @@ def test_keep_freed_memory_opt_out(monkeypatch):
     monkeypatch.delenv("SANDBOX_MALLOC")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # a user's own malloc settings win
     assert keep_freed_memory() is False
+
+
+def test_explicit_attention_dropout_is_seeded_and_chunk_independent():
+    from sandbox.mar import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 10, 8, generator=g) for _ in range(3))
+    outs = []
+    for block in (1 << 18, 2 * 2 * 10 * 10, 1):  # one chunk, chunks of two rows, one row at a time
+        torch.manual_seed(5)
+        outs.append(explicit_attention(q, k, v, 8 ** -0.5, p=0.3, block=block))
+    assert all((o - outs[0]).abs().max() < 1e-6 for o in outs)
+    torch.manual_seed(6)
+    assert (explicit_attention(q, k, v, 8 ** -0.5, p=0.3) - outs[0]).abs().max() > 1e-3
