@@ -80,14 +80,14 @@ class MARAttention(Attention):
     path, whose ``bernoulli_`` mask and "safe" softmax (an ``all`` over the scores to find fully masked
     rows) took ~20% of a fixture training step; the explicit path drops probabilities with the cheaper
     mask of ``sandbox/dropout.py``. (2) short key sequences (at most ``cpu_explicit_max_keys``): SDPA's
-    CPU flash kernel is tiled for long sequences. Measured on the 2-core CPU, batch x heads 512, head
-    dim 16, in ms (flash / explicit): 72 keys 7.8 / 5.2, 40 keys 2.9 / 1.0, 4 queries on 72 keys
-    1.4 / 0.3; with more keys the explicit scores leave the cache and flash wins (136 keys, head dim 32,
-    batch x heads 512: 19 / 40; MAR-B's 320 keys: 426 / 722).
+    CPU flash kernel is tiled for long sequences. Measured on the 2-core CPU, in ms (flash / explicit,
+    chunked as ``explicit_attention`` does): batch x heads 512, head dim 16: 72 keys 7.2 / 4.0, 40 keys
+    3.1 / 1.7, 4 queries on 72 keys 1.3 / 0.3; batch x heads 256, 136 keys, head dim 32: 13.4 / 8.5;
+    MAR-B's 320 keys (batch x heads 768, head dim 64): 161 / 174, where flash stays.
     """
 
     backend: str = "sdpa"
-    cpu_explicit_max_keys: int = 160  # measured: explicit (chunked) 2x faster up to 136 keys, 8% slower at 320
+    cpu_explicit_max_keys: int = 160  # between the measured 136 keys (explicit faster) and 320 (flash faster)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """softmax(q k^T / sqrt(d)) v with the selected kernel; (B, H, Tq, d) x 2 (B, H, T, d) -> (B, H, Tq, d)."""
