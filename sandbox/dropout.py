@@ -63,12 +63,18 @@ def apply_mask(x: Tensor, mask: Tensor) -> Tensor:
     return _Masked.apply(x, mask)
 
 
+def use_cpu_mask(x: Tensor) -> bool:
+    """Whether dropout on ``x`` takes the CPU mask: float32 on the CPU, outside ``torch.compile`` (which
+    traces ``F.dropout`` into its own kernels; a bf16 mask would round the 1 / keep scale)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """``F.dropout(x, p, training)`` with the cheaper mask on the CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or x.dtype != torch.float32 or p >= 1.0:
-        return F.dropout(x, p, True)  # a bf16 mask would round the 1 / keep scale
+    if not use_cpu_mask(x) or p >= 1.0:
+        return F.dropout(x, p, True)
     return apply_mask(x, cpu_mask(x.shape, p, x.dtype))
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sandbox.dropout import apply_mask, cpu_mask, dropout, replace_dropout
+from sandbox.dropout import apply_mask, cpu_mask, dropout, replace_dropout, use_cpu_mask
 from sandbox.errors import UserError
 
 
@@ -122,7 +122,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, p: float =
     (B, H, Tq, d), 2 x (B, H, T, d) -> (B, H, Tq, d)."""
     B, H, Tq, _ = q.shape
     rows = max(1, block // (H * Tq * k.shape[-2]))
-    cpu_drop = p > 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
+    cpu_drop = p > 0.0 and use_cpu_mask(q)
     mask = cpu_mask((B, H, Tq, k.shape[-2]), p) if cpu_drop else None  # (B, H, Tq, T)
 
     def attend(i: int, j: int) -> Tensor:

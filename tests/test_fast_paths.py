@@ -245,3 +245,23 @@ def test_explicit_attention_dropout_is_seeded_and_chunk_independent():
     assert all((o - outs[0]).abs().max() < 1e-6 for o in outs)
     torch.manual_seed(6)
     assert (explicit_attention(q, k, v, 8 ** -0.5, p=0.3) - outs[0]).abs().max() > 1e-3
+
+
+def test_cpu_kernels_step_aside_under_torch_compile():
+    from sandbox.layers import ResBlock
+    from sandbox.model import MAR
+
+    torch.manual_seed(0)
+    cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
+                    decoder_heads=2, buffer_size=2)
+    model = MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=1)).train()
+    for blk in list(model.transformer.encoder_blocks) + list(model.transformer.decoder_blocks):
+        blk.compile(backend="aot_eager", dynamic=True)  # traced like inductor, without a C++ compiler
+    for block in model.head.net.res_blocks:
+        assert isinstance(block, ResBlock)
+        block.compile(backend="aot_eager", dynamic=True)
+    seq = torch.randn(3, 16, 5)
+    g = torch.Generator().manual_seed(2)
+    loss = model(seq, RandomOrdering((4, 4)).training_split(seq, g), torch.arange(3), g)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.head.parameters())
