@@ -271,9 +271,18 @@ def test_eval_with_head_args_scores_its_own_samples(tmp_path, capsys):
 
 @pytest.mark.parametrize("recipe", ["quickstart_flow.yaml", "pixels_digits32_xpred.yaml"])
 def test_recipes_build(recipe):
+    from sandbox.cli import expand_bases
     from sandbox.recipe import build, recipe_parser
 
-    exp = build(recipe_parser().parse_args(["--config", str(REPO / "recipes" / recipe)]))
+    def parse(name):
+        return recipe_parser().parse_args(expand_bases(["--config", str(REPO / "recipes" / name)]))
+
+    cfg = parse(recipe)
+    exp = build(cfg)
     assert type(exp.model.head).__name__ == "FlowHead"
+    if recipe == "quickstart_flow.yaml":  # the quickstart but for the head
+        quickstart = parse("quickstart.yaml").as_dict()
+        for key in ("data", "tokenizer", "ordering", "model", "train", "sample", "seed"):
+            assert cfg.as_dict()[key] == quickstart[key], key
     if recipe.startswith("pixels"):
         assert exp.image_size == 32 and exp.tokenizer.token_dim == 48 and exp.model.head.prediction == "x"
