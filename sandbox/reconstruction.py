@@ -1,11 +1,13 @@
 """How well a tokenizer reconstructs images: PSNR and SSIM (torchmetrics) and LPIPS (the lpips package).
 
-LPIPS needs an ImageNet AlexNet trunk, which ``lpips.LPIPS(net='alex')`` downloads through torchvision;
-here it comes from a local file (torchvision's ``alexnet-owt-7be5be79.pth``), loaded into a trunk built
-with ``pnet_rand=True`` (no download). LPIPS' own linear layers ship inside the lpips package.
+LPIPS needs an ImageNet trunk (AlexNet or VGG16), which ``lpips.LPIPS`` downloads through torchvision;
+here it comes from a local file (torchvision's ``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``),
+loaded into a trunk built with ``pnet_rand=True`` (no download). LPIPS' own linear layers ship inside
+the lpips package. ``load_lpips`` and ``lpips_distance`` serve both ``sandbox eval-tokenizer`` and the
+perceptual loss of ``sandbox train-tokenizer``.
 
 References:
-    Wang et al. 2004 (SSIM: 11x11 Gaussian window, sigma 1.5); Zhang et al. 2018 (LPIPS, v0.1 AlexNet);
+    Wang et al. 2004 (SSIM: 11x11 Gaussian window, sigma 1.5); Zhang et al. 2018 (LPIPS, v0.1 linear layers);
     LDM / MAR tokenizer tables (rFID, PSNR, SSIM of reconstructions).
 """
 from __future__ import annotations
@@ -22,22 +24,27 @@ from sandbox.checkpoint import load_checkpoint
 from sandbox.errors import UserError
 from sandbox.weights import find_weights
 
-LPIPS_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet (AlexNet_Weights.IMAGENET1K_V1)
-LPIPS_ENV = "SANDBOX_LPIPS_WEIGHTS"
-LPIPS_MIN_SIZE = 64  # AlexNet's strided stem and three max-pools need >= ~32 px; smaller images are upsampled for LPIPS
+LPIPS_TRUNKS = {  # net -> (torchvision's ImageNet trunk file, where it comes from, environment variable)
+    "alex": ("alexnet-owt-7be5be79.pth", "torchvision's ImageNet AlexNet, AlexNet_Weights.IMAGENET1K_V1",
+             "SANDBOX_LPIPS_WEIGHTS"),
+    "vgg": ("vgg16-397923af.pth", "torchvision's ImageNet VGG16, VGG16_Weights.IMAGENET1K_V1",
+            "SANDBOX_LPIPS_VGG_WEIGHTS"),
+}
+LPIPS_MIN_SIZE = 64  # VGG's four and AlexNet's three poolings need larger inputs: smaller images are upsampled
 
 
-def load_lpips(weights: str | None = None, device: torch.device | str = "cpu", random_trunk: bool = False):
-    """LPIPS (AlexNet, v0.1 linear layers) with its trunk from a local file; ``random_trunk`` builds it with a
-    random trunk and no file (for tests: the wiring, not the values)."""
+def load_lpips(weights: str | None = None, device: torch.device | str = "cpu", random_trunk: bool = False,
+               net: str = "alex", option: str = "--lpips_weights"):
+    """LPIPS (v0.1 linear layers) on the ``net`` trunk read from a local file (``weights``, its environment
+    variable, or the weight folders of sandbox/weights.py; ``option`` names the flag in the error);
+    ``random_trunk`` builds it with a random trunk and no file (for tests: the wiring, not the values)."""
     import lpips
 
-    path = None if random_trunk else find_weights(
-        weights, LPIPS_ENV, (LPIPS_FILE,), "LPIPS AlexNet trunk", "--lpips_weights",
-        "torchvision's ImageNet AlexNet, AlexNet_Weights.IMAGENET1K_V1")
+    filename, source, env = LPIPS_TRUNKS[net]
+    path = None if random_trunk else find_weights(weights, env, (filename,), f"LPIPS {net} trunk", option, source)
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
         warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if path is not None:
         state = load_checkpoint(path)  # tensors only; an unreadable file is a one-line error
         try:
@@ -45,8 +52,17 @@ def load_lpips(weights: str | None = None, device: torch.device | str = "cpu", r
             model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in model.net.state_dict()})
         except Exception as e:  # a wrong or truncated file: one line
             msg = " ".join(str(e).split())[:200]
-            raise UserError(f"{path} is not torchvision's AlexNet state dict ({type(e).__name__}: {msg})") from e
+            raise UserError(f"{path} is not torchvision's {net} state dict ({type(e).__name__}: {msg})") from e
     return model.to(device).eval().requires_grad_(False)
+
+
+def lpips_distance(model, x: Tensor, y: Tensor) -> Tensor:
+    """(B,3,H,W) pairs in [-1,1] -> (B,) LPIPS distance; small images are upsampled first."""
+    if x.shape[-1] < LPIPS_MIN_SIZE:
+        size = (LPIPS_MIN_SIZE, LPIPS_MIN_SIZE)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+    return model(x, y).flatten()  # (B,)
 
 
 @torch.no_grad()
@@ -63,12 +79,8 @@ def reconstruction_scores(originals: Tensor, reconstructions: Tensor, lpips_mode
         "ssim": structural_similarity_index_measure(b, a, data_range=1.0, reduction="none"),
     }
     if lpips_model is not None:
-        x, y = a * 2 - 1, b * 2 - 1
-        if x.shape[-1] < LPIPS_MIN_SIZE:
-            x = F.interpolate(x, size=(LPIPS_MIN_SIZE,) * 2, mode="bilinear", align_corners=False)
-            y = F.interpolate(y, size=(LPIPS_MIN_SIZE,) * 2, mode="bilinear", align_corners=False)
         device = next(lpips_model.parameters()).device
-        out["lpips"] = lpips_model(x.to(device), y.to(device)).flatten().cpu()
+        out["lpips"] = lpips_distance(lpips_model, (a * 2 - 1).to(device), (b * 2 - 1).to(device)).cpu()
     return out
 
 

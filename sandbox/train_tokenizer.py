@@ -30,23 +30,18 @@ from jsonargparse import ArgumentParser, Namespace
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sandbox import __version__
-from sandbox.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
+from sandbox import __version__, reconstruction
+from sandbox.checkpoint import RunDir, atomic_write_bytes
 from sandbox.errors import UserError
 from sandbox.kinds import Dataset
 from sandbox.metrics import psnr
+from sandbox.reconstruction import lpips_distance
 from sandbox.recipe import TrainConfig, add_run_arguments, instantiate, one_line
 from sandbox.reliability import NonFiniteGuard
 from sandbox.train import (_StopRequested, autocast_dtype, base_lr, batches, check_run_recipe, ema_decay_at,
                            ema_update, lr_at, resolve_device, rng_state, set_rng_state)
 
 EVAL_IMAGES = 512  # images (seeded sample) for the final reconstruction PSNR and the exported latent scale
-LPIPS_MIN_SIZE = 64  # VGG's four and AlexNet's three poolings need larger inputs: smaller images are upsampled
-LPIPS_TRUNKS = {  # the torchvision ImageNet trunks lpips builds on (what `lpips.LPIPS(pnet_rand=False)` downloads)
-    "vgg": "vgg16-397923af.pth",
-    "alex": "alexnet-owt-7be5be79.pth",
-}
-
 
 # --------------------------------------------------------------------------------------
 # Recipe
@@ -84,7 +79,7 @@ class LossConfig:
     l1_weight: float = 1.0  # LDM: pixel L1 reconstruction loss
     perceptual_weight: float = 1.0  # LDM: LPIPS weight 1.0; 0 trains offline without LPIPS (it is then not built)
     lpips_net: Literal["vgg", "alex"] = "vgg"  # LDM's LPIPS runs on VGG16; AlexNet is cheaper
-    lpips_weights: Optional[str] = None  # the torchvision trunk file; None: looked up in $TORCH_HOME/hub/checkpoints
+    lpips_weights: Optional[str] = None  # the torchvision trunk file; None: its env variable or the weight folders
     lpips_random_trunk: bool = False  # tests only: a random trunk and no file (checks the wiring, not the values)
     kl_weight: float = 1e-6  # LDM KL-8 / KL-16 configs: a weak pull towards N(0, I) keeps the latent smooth
     disc_start: Optional[int] = None  # step the discriminator joins (LDM KL-16: 50001); None: no discriminator
@@ -154,41 +149,13 @@ class PatchDiscriminator(nn.Module):
 
 
 def load_lpips(net: str, weights: str | None, random_trunk: bool = False) -> nn.Module:
-    """LPIPS (v0.1 linear layers, shipped with the lpips package) on a torchvision trunk read from a local file."""
-    import warnings
-
-    import lpips
-
-    path = None
-    if not random_trunk:
-        import torch.hub
-
-        name = LPIPS_TRUNKS[net]
-        path = Path(weights).expanduser() if weights else Path(torch.hub.get_dir()) / "checkpoints" / name
-        if not path.is_file():
-            raise UserError(
-                f"LPIPS {net} trunk weights not found: {path}. Nothing downloads here: put torchvision's {name} "
-                f"there or give --loss.lpips_weights PATH, or train without LPIPS with --loss.perceptual_weight 0")
-    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
-        warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)  # no download
-    if path is not None:
-        state = load_checkpoint(path)  # the one safe loader: tensors only, a torn file is one clear line
-        try:
-            # lpips splits torchvision's `features` into slice1..5 but keeps its indices: slice2.3 = features.3
-            model.net.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in model.net.state_dict()})
-        except Exception as e:
-            raise UserError(f"{path} is not torchvision's {net} state dict: {' '.join(str(e).split())[:200]}") from e
-    return model.eval().requires_grad_(False)
-
-
-def lpips_distance(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """(B,3,H,W) pairs in [-1,1] -> (B,) LPIPS distance; small images are upsampled first."""
-    if x.shape[-1] < LPIPS_MIN_SIZE:
-        size = (LPIPS_MIN_SIZE, LPIPS_MIN_SIZE)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-    return model(x, y).flatten()  # (B,)
+    """The perceptual loss's LPIPS (sandbox/reconstruction.py), with this command's flags in a missing-file error."""
+    try:
+        return reconstruction.load_lpips(weights, "cpu", random_trunk, net=net, option="--loss.lpips_weights")
+    except UserError as e:
+        if "not found" in str(e) or "nothing downloads" in str(e):
+            raise UserError(f"{e}; or train without LPIPS: --loss.perceptual_weight 0") from None
+        raise
 
 
 # --------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_lpips_is_not_built_without_a_perceptual_weight(monkeypatch, tmp_path):
 
     monkeypatch.setattr(lpips, "LPIPS", lambda *a, **k: pytest.fail("LPIPS built with perceptual_weight 0"))
     assert _Losses(LossConfig(perceptual_weight=0.0), torch.device("cpu")).lpips is None
-    with pytest.raises(UserError, match="LPIPS alex trunk weights not found: .*nope.pth.*perceptual_weight 0"):
+    with pytest.raises(UserError, match="LPIPS alex trunk weights not found at .*nope.pth.*perceptual_weight 0"):
         load_lpips("alex", str(tmp_path / "nope.pth"))
 
 
