@@ -93,7 +93,8 @@ class MARAttention(Attention):
         """softmax(q k^T / sqrt(d)) v with the selected kernel; (B, H, Tq, d) x 2 (B, H, T, d) -> (B, H, Tq, d)."""
         p = self.attn_drop.p if self.training else 0.0
         if self.backend == "sdpa":
-            if q.device.type == "cpu" and (p > 0.0 or k.shape[-2] <= self.cpu_explicit_max_keys):
+            if (q.device.type == "cpu" and (p > 0.0 or k.shape[-2] <= self.cpu_explicit_max_keys)
+                    and not torch.compiler.is_compiling()):  # its shape-dependent chunking would recompile
                 return explicit_attention(q, k, v, self.scale, p)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         import xformers.ops as xops
