@@ -74,7 +74,8 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: Tensor, y_act: Tensor) -> Tensor:
-        if (self.training and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        if (self.training and x.dtype == torch.float32 and y_act.shape == x.shape
+                and not torch.is_autocast_enabled(x.device.type)
                 and not torch.compiler.is_compiling()):  # a compiled block fuses its own elementwise work
             return fused_res_block(self, x, y_act)  # (N, W): the same math, a leaner backward
         shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)  # 3 x (N, W)
