@@ -47,15 +47,15 @@ class _Masked(torch.autograd.Function):
         return grad * mask, None
 
 
-def cpu_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A dropout mask of ``shape`` on the CPU: 0 with probability ~p, else 1 / keep probability."""
+def cpu_mask(shape: torch.Size, p: float) -> Tensor:
+    """A float32 dropout mask of ``shape`` on the CPU: 0 with probability ~p, else 1 / keep probability."""
     n = math.prod(shape)
     threshold = round(p * _LEVELS)
     seed = int(torch.randint(0, 1 << 62, (1,)).item())  # from torch's default generator: manual_seed fixes it
     raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)  # (n/4,) uint64
     bits = torch.from_numpy(raw.view(np.int16))[:n].view(shape)  # (shape) uniform in [-2^15, 2^15)
     keep = bits >= threshold - _LEVELS // 2  # (shape) bool, probability 1 - threshold / 2^16
-    return keep.to(dtype).mul_(_LEVELS / (_LEVELS - threshold))
+    return keep.float().mul_(_LEVELS / (_LEVELS - threshold))
 
 
 def apply_mask(x: Tensor, mask: Tensor) -> Tensor:
@@ -63,19 +63,20 @@ def apply_mask(x: Tensor, mask: Tensor) -> Tensor:
     return _Masked.apply(x, mask)
 
 
-def use_cpu_mask(x: Tensor) -> bool:
-    """Whether dropout on ``x`` takes the CPU mask: float32 on the CPU, outside ``torch.compile`` (which
-    traces ``F.dropout`` into its own kernels; a bf16 mask would round the 1 / keep scale)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+def use_cpu_mask(x: Tensor, p: float) -> bool:
+    """Whether dropout p on ``x`` takes the CPU mask: 0 < p < 1, float32 on the CPU, outside ``torch.compile``
+    (which traces ``F.dropout`` into its own kernels; a bf16 mask would round the 1 / keep scale)."""
+    return (0.0 < p < 1.0 and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.compiler.is_compiling())
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """``F.dropout(x, p, training)`` with the cheaper mask on the CPU."""
     if not training or p == 0.0:
         return x
-    if not use_cpu_mask(x) or p >= 1.0:
+    if not use_cpu_mask(x, p):
         return F.dropout(x, p, True)
-    return apply_mask(x, cpu_mask(x.shape, p, x.dtype))
+    return apply_mask(x, cpu_mask(x.shape, p))
 
 
 class Dropout(nn.Dropout):

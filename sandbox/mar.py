@@ -123,8 +123,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, p: float =
     (B, H, Tq, d), 2 x (B, H, T, d) -> (B, H, Tq, d)."""
     B, H, Tq, _ = q.shape
     rows = max(1, block // (H * Tq * k.shape[-2]))
-    cpu_drop = p > 0.0 and use_cpu_mask(q)
-    mask = cpu_mask((B, H, Tq, k.shape[-2]), p) if cpu_drop else None  # (B, H, Tq, T)
+    mask = cpu_mask((B, H, Tq, k.shape[-2]), p) if use_cpu_mask(q, p) else None  # (B, H, Tq, T)
 
     def attend(i: int, j: int) -> Tensor:
         probs = ((q[i:j] * scale) @ k[i:j].transpose(-2, -1)).softmax(dim=-1)  # (b, H, Tq, T)
