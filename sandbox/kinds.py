@@ -239,6 +239,10 @@ class Head(nn.Module):
         distribution; each head documents what it scales (e.g. DDPM's per-step noise, an ODE's initial noise)."""
         raise NotImplementedError
 
+    def compile_sampling(self) -> None:
+        """Make ``sample`` run its per-step work through ``torch.compile`` (``--compile``). Optional: the
+        default keeps the eager loop; the core compiles the network's blocks either way."""
+
 
 # --------------------------------------------------------------------------------------
 # Dataset: labelled images in [-1, 1]

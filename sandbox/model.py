@@ -62,8 +62,9 @@ class MAR(nn.Module):
         return (per_row * weight).sum() / weight.sum()
 
 
-def compile_blocks(model: MAR) -> None:
-    """``torch.compile`` the repeated blocks in place (transformer blocks, the head's network), not the whole model.
+def compile_blocks(model: MAR, sampling: bool = True) -> None:
+    """``torch.compile`` the repeated blocks in place (transformer blocks, the head's network), not the whole
+    model, and (``sampling``) the head's sampling step (``Head.compile_sampling``).
 
     The whole forward has data-dependent shapes (how many tokens are visible, how many carry loss),
     which would break the graph at every boolean index; the blocks see only dynamic sizes, which
@@ -76,3 +77,5 @@ def compile_blocks(model: MAR) -> None:
     if isinstance(net, nn.Module):
         for block in getattr(net, "res_blocks", []):
             block.compile(dynamic=True)
+    if sampling:
+        model.head.compile_sampling()

@@ -342,6 +342,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         from sandbox.model import compile_blocks
 
         compile_blocks(core)
+        ema.head.compile_sampling()  # the training grids sample with the EMA weights
     model = core
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -160,6 +160,7 @@ def test_bench_prints_json_with_every_field(tmp_path, capsys):
     c = result["config"]
     assert (c["batch_size"], c["num_iter"], c["num_sampling_steps"], c["cfg"]) == (8, 2, 3, 2.0)
     assert c["params"] > 0 and c["attention"] == "sdpa" and c["grad_checkpointing"] is False
+    assert c["compile"] is False and c["compile_sampling"] is False
 
 
 def test_bench_official_config_and_errors(tmp_path, capsys):

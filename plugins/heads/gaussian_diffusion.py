@@ -24,6 +24,11 @@ import torch
 from torch import Tensor, nn
 
 
+# the per-step coefficients of the reverse process (``GaussianDiffusion.step_scalars``), in table order
+STEP_COEFFICIENTS = ("log_betas", "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "nonzero")
+
+
 # --------------------------------------------------------------------------------------
 # Schedules and respacing
 # --------------------------------------------------------------------------------------
@@ -176,32 +181,30 @@ class GaussianDiffusion(nn.Module):
         return mean, log_var, x0
 
     def step_scalars(self, i: int) -> dict[str, float]:
-        """The coefficients of step i as Python floats holding their float32 values (cached).
+        """The coefficients of step i as Python floats holding their float32 values (cached), plus
+        ``nonzero`` (0.0 at the last step, which adds no noise).
 
         A sampler applies one step to every row, so it multiplies by scalars instead of gathering
         a (N, 1) column per coefficient at every step; float32 tensor x float32-valued scalar gives
         the same bits as the gathered column, so ``sample_step`` equals ``p_mean_variance`` + noise.
         """
         if getattr(self, "_scalars", None) is None:
-            names = ("log_betas", "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod",
-                     "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
+            names = STEP_COEFFICIENTS[:-1]
             tables = {n: getattr(self, n).float().cpu().tolist() for n in names}
-            self._scalars = [{n: tables[n][k] for n in names} for k in range(self.num_steps)]
+            self._scalars = [{**{n: tables[n][k] for n in names}, "nonzero": float(k != 0)}
+                             for k in range(self.num_steps)]
         return self._scalars[i]
+
+    def step_table(self, steps: list[int], device: torch.device) -> Tensor:
+        """``step_scalars`` of ``steps`` as a float32 (len(steps), 7) table, columns in ``STEP_COEFFICIENTS``
+        order (the same float32 values: a compiled sampler takes them as one tensor input)."""
+        rows = [[self.step_scalars(i)[n] for n in STEP_COEFFICIENTS] for i in steps]
+        return torch.tensor(rows, dtype=torch.float32, device=device)
 
     def sample_step(self, eps: Tensor, var_values: Tensor, xt: Tensor, i: int, noise: Tensor,
                     temperature: float = 1.0, x0_clip: float | None = None) -> Tensor:
-        """x_{i-1} for every row at step i: ``p_mean_variance``'s formulas, term for term, with scalar coefficients;
-        mean + exp(log_var / 2) * noise * temperature (no noise at i == 0)."""
-        c = self.step_scalars(i)
-        frac = (var_values + 1) / 2
-        log_var = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
-        x0 = c["sqrt_recip_alphas_cumprod"] * xt - c["sqrt_recipm1_alphas_cumprod"] * eps
-        if x0_clip is not None:
-            x0 = x0.clamp(-x0_clip, x0_clip)
-        mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * xt
-        nonzero = 1.0 if i != 0 else 0.0
-        return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
+        """x_{i-1} for every row at step i (see ``reverse_step``)."""
+        return reverse_step(eps, var_values, xt, self.step_scalars(i), noise, temperature, x0_clip)
 
     # -- training ---------------------------------------------------------------------------
     def training_losses(self, net_out: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -219,3 +222,18 @@ class GaussianDiffusion(nn.Module):
         nll = -discretized_gaussian_log_likelihood(x0[first], mean[first], 0.5 * log_var[first]).mean(dim=1)
         vb = kl.index_put((first,), nll / math.log(2.0))
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+def reverse_step(eps: Tensor, var_values: Tensor, xt: Tensor, c: dict[str, float], noise: Tensor,
+                 temperature: float = 1.0, x0_clip: float | None = None) -> Tensor:
+    """x_{t-1} from the network's eps and variance outputs (N, C) with the step's scalar coefficients ``c``
+    (``GaussianDiffusion.step_scalars``): ``p_mean_variance``'s formulas, term for term, then
+    mean + exp(log_var / 2) * noise * temperature. A free function of tensors and floats, so a compiled
+    sampling step (``torch.compile``) traces it without a table lookup by step index."""
+    frac = (var_values + 1) / 2
+    log_var = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
+    x0 = c["sqrt_recip_alphas_cumprod"] * xt - c["sqrt_recipm1_alphas_cumprod"] * eps
+    if x0_clip is not None:
+        x0 = x0.clamp(-x0_clip, x0_clip)
+    mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * xt
+    return mean + c["nonzero"] * torch.exp(0.5 * log_var) * noise * temperature

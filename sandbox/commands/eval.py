@@ -89,6 +89,8 @@ def _run(cfg: Namespace) -> None:
         from sandbox.train import autocast_dtype, load_run
 
         exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
+        if cfg.compile:
+            model.head.compile_sampling()
         run_root = Path(cfg.run_dir)
         scorer = instantiate(exp.cfg, "data").scorer()
         if scorer is None and not inception:
@@ -107,6 +109,8 @@ def _run(cfg: Namespace) -> None:
             }
             if cfg.head_args:  # another sampler is another evaluation set (the samples are cached by settings)
                 settings["head_args"] = cfg.head_args
+            if cfg.compile:  # compiled kernels round differently: their own set
+                settings["compile"] = True
             device = next(model.parameters()).device
             t0 = time.perf_counter()
             images, labels, path, reused = eval_samples(

@@ -32,6 +32,9 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> 
     p.add_argument("--seed", type=int, default=0, help="Fixes the samples.")
     p.add_argument("--batch_size", type=int | None, default=None, help="Images per batch (default: the recipe's).")
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights.")
+    p.add_argument("--compile", type=bool, default=False,
+                   help="torch.compile the head's sampling step (compiles once, then faster; samples equal the "
+                        "eager ones within float rounding).")
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
     p.add_argument("--progress", type=bool, default=True, help="Show a progress bar.")
 
@@ -70,6 +73,8 @@ def _sample_from_run(cfg: Namespace, on_step=None):
     if cfg.num_images < 1:
         raise UserError("--num_images must be >= 1")
     exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
+    if cfg.compile:
+        model.head.compile_sampling()
     sc = instantiate(exp.cfg, "sample")
     if cfg.labels:
         bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
