@@ -145,7 +145,7 @@ class DiffusionHead(Head):
     def compile_sampling(self) -> None:
         """Run the DDPM sampler's steps through ``torch.compile`` (``compiled_ddpm_steps``): one fused kernel
         per elementwise chain between the products, ``compiled_steps_per_call`` steps per call. 64 fixture
-        images on the 2-core CPU: 1.40 -> 1.10 s (README, Performance); the first call compiles. The samples
+        images on the 2-core CPU: 1.39 -> 1.12 s (README, Performance); the first call compiles. The samples
         equal the eager ones within float rounding (the fused kernels round differently), not bit for bit.
         The ODE samplers keep their eager loop (diffusers' schedulers step in Python)."""
         self.compiled_sampling = True
@@ -228,9 +228,10 @@ class DiffusionHead(Head):
     def sample(self, cond: Tensor, temperature: float = 1.0, cfg: float = 1.0, uncond: Tensor | None = None,
                generator: torch.Generator | None = None) -> Tensor:
         """The respaced reverse process for every row at once; per step, the same numbers as ``denoise_step``
-        (tests/test_fast_paths.py checks it; compiled, within float rounding: ``compile_sampling``) with the work the official repeats at every step done once: the
-        condition is embedded once per call, the timestep once per step (one row, broadcast), SiLU(condition)
-        once per step for all blocks, and the diffusion coefficients are scalars."""
+        (tests/test_fast_paths.py checks it; compiled, the same within float rounding: ``compile_sampling``)
+        with the work the official repeats at every step done once: the condition is embedded once per call,
+        the timestep once per step (one row, broadcast), SiLU(condition) once per step for all blocks, and
+        the diffusion coefficients are scalars."""
         N, C = cond.shape[0], self.token_dim
         guided = uncond is not None and cfg != 1.0
         net, d = self.net, self.sample_diffusion
@@ -243,7 +244,7 @@ class DiffusionHead(Head):
             return self.sample_compiled(x, t_emb, c_emb, cfg, temperature, generator)
         for i in reversed(range(d.num_steps)):
             noise = torch.randn(x.shape, device=x.device, generator=generator)
-            x = ddpm_step(net, x, t_emb[i], c_emb, noise, d.step_scalars(i), cfg, temperature, self.x0_clip)  # (N, C)
+            x = ddpm_step(net, x, t_emb[i], c_emb, noise, d.step_scalars(i), cfg, temperature, self.x0_clip)
         return x
 
     def sample_compiled(self, x: Tensor, t_emb: list[Tensor], c_emb: Tensor, cfg: float, temperature: float,
