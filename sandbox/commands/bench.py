@@ -173,7 +173,7 @@ def run(cfg: Namespace) -> None:
 
     from sandbox.generate import balanced_labels, sample_tokens
     from sandbox.mar import set_attention_backend
-    from sandbox.train import autocast_dtype, param_groups, resolve_device
+    from sandbox.train import autocast_dtype, make_adamw, resolve_device
 
     if (cfg.recipe is None) == (cfg.official_config is None):
         raise UserError("give exactly one of --recipe RECIPE.yaml and --official_config FILE.pt")
@@ -232,7 +232,7 @@ def run(cfg: Namespace) -> None:
     # ----- training -----
     if cfg.batch_size > 0 and cfg.steps > 0:
         model.train()
-        opt = torch.optim.AdamW(param_groups(model, 0.02), lr=1e-4, betas=(0.9, 0.95))
+        opt = make_adamw(model, 0.02, 1e-4, (0.9, 0.95))  # the trainer's optimizer
         seq = torch.randn(cfg.batch_size, L, C, device=device, generator=gen)  # (B, L, C) stand-in tokens
         labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device, generator=gen)
         losses = []
