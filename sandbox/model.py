@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from sandbox.errors import UserError
 from sandbox.kinds import Head, TrainingSplit
 from sandbox.mar import MARTransformer
 
@@ -62,6 +63,22 @@ class MAR(nn.Module):
         return (per_row * weight).sum() / weight.sum()
 
 
+def check_compiler(device: torch.device | str) -> None:
+    """``torch.compile`` on the CPU builds C++ (inductor's CPU backend): one clear line, before any work, when
+    no C++ compiler works, instead of a traceback at the first compiled call."""
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: let torch.compile report it itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:
+        raise UserError("torch.compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX naming one); "
+                        "install one, or run without --compile") from None
+
+
 def compile_blocks(model: MAR, sampling: bool = True) -> None:
     """``torch.compile`` the repeated blocks in place (transformer blocks, the head's network), not the whole
     model, and (``sampling``) the head's sampling step (``Head.compile_sampling``).
@@ -71,6 +88,7 @@ def compile_blocks(model: MAR, sampling: bool = True) -> None:
     ``dynamic=True`` handles without recompiling per mask ratio. In place (``Module.compile``), so
     parameter names and checkpoints do not change.
     """
+    check_compiler(next(model.parameters()).device)
     for blk in list(model.transformer.encoder_blocks) + list(model.transformer.decoder_blocks):
         blk.compile(dynamic=True)
     net = getattr(model.head, "net", None)
@@ -78,4 +96,10 @@ def compile_blocks(model: MAR, sampling: bool = True) -> None:
         for block in getattr(net, "res_blocks", []):
             block.compile(dynamic=True)
     if sampling:
-        model.head.compile_sampling()
+        compile_sampling(model)
+
+
+def compile_sampling(model: MAR) -> None:
+    """The head's sampling steps under ``torch.compile`` (``Head.compile_sampling``)."""
+    check_compiler(next(model.parameters()).device)
+    model.head.compile_sampling()

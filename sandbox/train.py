@@ -298,6 +298,10 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         raise UserError(f"--train.grad_accum must be >= 1, got {tc.grad_accum}")
     device = distributed.local_device(resolve_device(tc.device))
     amp_dtype = autocast_dtype(tc.precision, device)
+    if tc.compile:
+        from sandbox.model import check_compiler
+
+        check_compiler(device)  # before the run directory is written
     # rank 0 logs; fails early when tensorboard is not installed
     tb = TensorBoardLogger(run.root / "tensorboard") if tc.tensorboard and main else None
     exp = build(cfg)
@@ -347,10 +351,10 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     last_good = run.loaded_path  # named when the run stops on non-finite numbers
 
     if tc.compile:
-        from sandbox.model import compile_blocks
+        from sandbox.model import compile_blocks, compile_sampling
 
         compile_blocks(core)
-        ema.head.compile_sampling()  # the training grids sample with the EMA weights
+        compile_sampling(ema)  # the training grids sample with the EMA weights
     model = core
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

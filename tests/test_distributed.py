@@ -243,7 +243,9 @@ def test_global_batch_in_lr_scaling_and_data_check(tiny_recipe):
         ResumableBatchSampler(20, 4, seed=0, world_size=2, accum=3)
 
 
-def test_attention_backend_and_compile_are_configuration(tiny_recipe):
+def test_attention_backend_and_compile_are_configuration(tiny_recipe, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
     from sandbox.errors import UserError
     from sandbox.mar import MARConfig, MARTransformer, set_attention_backend, xformers_available
     from sandbox.model import compile_blocks
@@ -257,7 +259,25 @@ def test_attention_backend_and_compile_are_configuration(tiny_recipe):
     with pytest.raises(UserError, match="unknown attention backend"):
         set_attention_backend(tr, "flash")
     exp = build(recipe_parser().parse_args(["--config", str(tiny_recipe)]))
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "c++")  # nothing is compiled here
     compile_blocks(exp.model)  # wraps in place (compiles on the first call): names and checkpoints unchanged
     blocks = [*exp.model.transformer.encoder_blocks, *exp.model.head.net.res_blocks]
     assert all(b._compiled_call_impl is not None for b in blocks)
     assert all(k.startswith(("transformer.", "head.")) and "_orig_mod" not in k for k in exp.model.state_dict())
+    assert exp.model.head.compiled_sampling  # and the head's sampling steps
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(tmp_path, tiny_recipe, monkeypatch, capsys):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    run = tmp_path / "run"
+    for args in (["train", "--config", str(tiny_recipe), "--train.compile", "true", "--run_dir", str(run)],
+                 ["bench", "--recipe", str(tiny_recipe), "--batch_size", "0", "--compile_sampling", "true"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs a C++ compiler" in err and "Traceback" not in err
+    assert not run.exists()  # refused before the run directory is written

@@ -197,14 +197,16 @@ def run(cfg: Namespace) -> None:
             model.head.net.grad_checkpointing = cfg.grad_checkpointing
     set_attention_backend(tr, cfg.attention or tr.config.attention)
     use_compile = cfg.compile if cfg.compile is not None else bool(tc and tc.compile)
-    compile_sampling = cfg.compile_sampling if cfg.compile_sampling is not None else use_compile
+    use_compile_sampling = cfg.compile_sampling if cfg.compile_sampling is not None else use_compile
     model.to(device)
     if use_compile:
         from sandbox.model import compile_blocks
 
-        compile_blocks(model, sampling=compile_sampling)
-    elif compile_sampling:
-        model.head.compile_sampling()
+        compile_blocks(model, sampling=use_compile_sampling)
+    elif use_compile_sampling:
+        from sandbox.model import compile_sampling
+
+        compile_sampling(model)
 
     L, C = ordering.seq_len, token_dim
     gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -223,7 +225,7 @@ def run(cfg: Namespace) -> None:
             "batch_size": cfg.batch_size, "steps": cfg.steps, "sample_batch_size": cfg.sample_batch_size,
             "num_iter": num_iter, "num_sampling_steps": diffusion_steps, "cfg": guidance,
             "temperature": cfg.temperature, "precision": precision, "compile": use_compile,
-            "compile_sampling": compile_sampling,
+            "compile_sampling": use_compile_sampling,
             "grad_checkpointing": tr.config.grad_checkpointing, "attention": tr.config.attention,
         },
         "memory_kind": memory.kind,
@@ -270,7 +272,7 @@ def run(cfg: Namespace) -> None:
         labels = balanced_labels(cfg.sample_batch_size, num_classes, device)
         kwargs = dict(num_iter=num_iter, cfg=guidance, temperature=cfg.temperature, autocast_dtype=amp_dtype)
         memory.reset()
-        if cfg.warmup > 0 or compile_sampling or use_compile:  # untimed: one-time work (compile, cached step embeddings, allocator)
+        if cfg.warmup > 0 or use_compile_sampling or use_compile:  # untimed: one-time work (compile, cached step embeddings, allocator)
             sample_tokens(model, ordering, C, labels[:2], generator=gen, **{**kwargs, "num_iter": 2})
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()

@@ -90,7 +90,9 @@ def _run(cfg: Namespace) -> None:
 
         exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
         if cfg.compile:
-            model.head.compile_sampling()
+            from sandbox.model import compile_sampling
+
+            compile_sampling(model)
         run_root = Path(cfg.run_dir)
         scorer = instantiate(exp.cfg, "data").scorer()
         if scorer is None and not inception:

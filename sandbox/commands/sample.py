@@ -74,7 +74,9 @@ def _sample_from_run(cfg: Namespace, on_step=None):
         raise UserError("--num_images must be >= 1")
     exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
     if cfg.compile:
-        model.head.compile_sampling()
+        from sandbox.model import compile_sampling
+
+        compile_sampling(model)
     sc = instantiate(exp.cfg, "sample")
     if cfg.labels:
         bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
