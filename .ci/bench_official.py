@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sandbox.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--official_dir", required=True, help="A copy of the official repository (models/, diffusion/).")
     ap.add_argument("--official_config", required=True, help="A fixture .pt with a `config` dict, or mar_base/large/huge.")
@@ -50,7 +50,11 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--norm_eps", type=float, default=1e-6, help="LayerNorm eps (1e-6: the released factories).")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
 
     device = torch.device(a.device)
     cuda = device.type == "cuda"

@@ -163,6 +163,27 @@ def test_bench_prints_json_with_every_field(tmp_path, capsys):
     assert c["compile"] is False and c["compile_sampling"] is False
 
 
+def test_gpu_check_script_uses_options_that_exist():
+    """.ci/gpu_check runs only on a GPU machine: check here that it parses and that every option it passes
+    exists (an option renamed in a command would otherwise surface only in a scarce GPU session)."""
+    import importlib.util
+    import re
+
+    script = REPO / ".ci" / "gpu_check"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    spec = importlib.util.spec_from_file_location("bench_official", REPO / ".ci" / "bench_official.py")
+    bench_official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_official)
+    from sandbox.commands import bench, sample, train
+
+    known = {"--nproc_per_node", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--target"}  # torchrun, pip
+    for p in (bench.parser(), sample.parser(), train.parser(), bench_official.parser()):
+        known |= set(p._option_string_actions)
+    code = "\n".join(line for line in script.read_text().splitlines() if not line.lstrip().startswith("#"))
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z_.-]*", code))
+    assert used and used <= known, used - known
+
+
 def test_bench_official_config_and_errors(tmp_path, capsys):
     from conftest import parity_fixture_dir
 
