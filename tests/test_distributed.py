@@ -154,7 +154,7 @@ def test_bench_prints_json_with_every_field(tmp_path, capsys):
     assert BENCH_FIELDS <= result.keys() and result == json.loads((tmp_path / "b.json").read_text())
     assert result["device"] == "cpu" and result["dtype"] == "float32"
     assert set(result["train"]) == {"ms_per_step", "images_per_s", "peak_memory_mb", "final_loss", "cpu_ms_per_step"}
-    assert set(result["sample"]) == {"seconds", "images_per_s", "peak_memory_mb", "cpu_seconds"}
+    assert set(result["sample"]) == {"seconds", "images_per_s", "peak_memory_mb", "cpu_seconds", "warmup_seconds"}
     assert result["train"]["ms_per_step"] > 0 and result["sample"]["images_per_s"] > 0
     assert result["train"]["peak_memory_mb"] > 0 and result["memory_kind"].startswith("cpu")
     c = result["config"]

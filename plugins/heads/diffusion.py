@@ -139,7 +139,8 @@ class DiffusionHead(Head):
         return None
 
     # steps per compiled call: one call costs ~75 us of guards and argument handling on the CPU, and a longer
-    # graph compiles longer (10 steps: ~10-30 s once; 64 fixture images 1.19 -> 1.10 s against one step per call)
+    # graph compiles longer (10 steps: ~45 s once per machine, ~11 s per process after; 64 fixture images
+    # 1.19 -> 1.10 s against one step per call)
     compiled_steps_per_call: int = 10
 
     def compile_sampling(self) -> None:
