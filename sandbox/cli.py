@@ -132,6 +132,23 @@ def expand_bases(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_recipe_file(path: Path, overrides: list[str] = ()):
+    """A recipe file read as ``sandbox train --config PATH [overrides]`` reads it: the recipes it builds on
+    first (``base:``), the plugin files it lists loaded (relative to the recipe listing them), then checked by
+    the recipe parser. For commands that take a recipe as one option (``sandbox bench --recipe``)."""
+    from sandbox import registry
+    from sandbox.recipe import recipe_parser
+
+    argv = expand_bases(["--config", str(path)])
+    for file, origin in plugin_files(argv):
+        registry.load_listed([file], origin)
+    registry.discover()  # a name clash is an error naming both sources
+    try:
+        return recipe_parser().parse_args(argv + ["--base=null", *overrides])
+    except Exception as e:  # jsonargparse raises ArgumentError; keep it to one line
+        raise UserError(f"recipe {path}: {one_line(e)}") from None
+
+
 def plugin_files(argv: list[str]) -> list[tuple[Path, str]]:
     """Plugin files named on a command line: ``--plugin FILE`` (repeatable, anywhere), ``plugins:`` in
     each ``--config`` recipe (relative to that recipe) and ``--plugins LIST`` -> [(path, where it was given)]."""

@@ -206,6 +206,28 @@ def test_bench_official_config_and_errors(tmp_path, capsys):
     assert len(err) == 1 and "xformers" in err[0]
 
 
+def test_bench_reads_a_recipe_as_train_does(tmp_path, capsys):
+    # a recipe that builds on another (base:) and swaps the head, as recipes/quickstart_flow.yaml does
+    recipe_file(tmp_path / "tiny.yaml")
+    (tmp_path / "flow.yaml").write_text(yaml.safe_dump(
+        {"base": "tiny.yaml", "head": {"class_path": "FlowHead", "init_args": {"width": 32, "depth": 1}}}))
+    args = ["bench", "--recipe", str(tmp_path / "flow.yaml"), "--batch_size", "4", "--steps", "1", "--warmup", "0",
+            "--sample_batch_size", "2", "--num_iter", "2"]
+    assert main([*args, "--num_sampling_steps", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    head = result["config"]["recipe"]["head"]
+    assert head["class_path"].endswith("FlowHead") and head["init_args"]["num_sampling_steps"] == 3
+    assert result["config"]["num_sampling_steps"] == 3 and result["config"]["encoder"] == [32, 1]  # from the base
+    # the documented plugin example: a base, and a plugin file listed relative to the recipe
+    gmm = ["bench", "--recipe", str(REPO / "docs" / "examples" / "gmm_digits.yaml"), "--batch_size", "2", "--steps",
+           "1", "--warmup", "0", "--sample_batch_size", "2", "--num_iter", "2"]
+    assert main(gmm) == 0 and json.loads(capsys.readouterr().out)["config"]["recipe"]["head"]["class_path"]
+    # --num_sampling_steps for a head without that argument: one line, exit 2 (the parser checks the head)
+    assert main([*gmm, "--num_sampling_steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_sampling_steps" in err[0]
+
+
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(runs):
     root, _ = runs
     r0, r1 = (json.loads((root / f"stopped_rank{r}.json").read_text()) for r in (0, 1))

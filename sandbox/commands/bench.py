@@ -146,20 +146,18 @@ def _official_parts(cfg: Namespace, device):
 
 
 def _recipe_parts(cfg: Namespace, device):
-    import yaml
-
-    from sandbox.recipe import build, instantiate, parse_recipe
+    from sandbox.cli import parse_recipe_file
+    from sandbox.recipe import build, instantiate, recipe_dict
 
     path = Path(cfg.recipe)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"cannot read recipe {path}: {e}") from e
-    rcfg = parse_recipe(recipe)
-    if cfg.num_sampling_steps is not None:
-        rcfg.head.init_args.num_sampling_steps = cfg.num_sampling_steps
+    # read as `sandbox train --config` reads it (bases, plugin files); the parser checks that the head takes
+    # num_sampling_steps when it is given
+    steps_arg = [] if cfg.num_sampling_steps is None else ["--head.init_args.num_sampling_steps",
+                                                            str(cfg.num_sampling_steps)]
+    rcfg = parse_recipe_file(path, steps_arg)
+    recipe = recipe_dict(rcfg)
     exp = build(rcfg)
     tc, sc = instantiate(rcfg, "train"), instantiate(rcfg, "sample")
     steps = getattr(exp.model.head, "num_sampling_steps", None) or cfg.num_sampling_steps
