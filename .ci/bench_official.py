@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sandbox.commands.bench import PeakMemory  # noqa: E402  (the same peak-memory reading as sandbox bench)
 from sandbox.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
 
 
@@ -84,19 +85,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
-    def reset_peak() -> None:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-
-    def peak_mb() -> float:
-        if cuda:
-            return torch.cuda.max_memory_allocated(device) / 2**20
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-
+    memory = PeakMemory(device)
     if a.batch_size and a.steps:
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
@@ -115,7 +104,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             return loss
 
-        reset_peak()
+        memory.reset()
         for _ in range(a.warmup):
             step()
         sync()
@@ -125,7 +114,7 @@ def main() -> None:
         sync()
         ms = 1000 * (time.perf_counter() - t0) / a.steps
         res["train"] = {"ms_per_step": round(ms, 2), "images_per_s": round(a.batch_size * 1000 / ms, 2),
-                        "peak_memory_mb": round(peak_mb(), 1), "final_loss": float(loss),
+                        "peak_memory_mb": round(memory.peak_mb(), 1), "final_loss": float(loss),
                         "cpu_ms_per_step": round(1000 * (time.process_time() - c0) / a.steps, 2)}
         del opt
         model.zero_grad(set_to_none=True)
@@ -134,7 +123,7 @@ def main() -> None:
         model.eval()
         labels = torch.arange(a.sample_batch_size, device=device) % conf.get("class_num", 1000)
         kw = dict(num_iter=a.num_iter, cfg=a.cfg, cfg_schedule="linear", temperature=a.temperature)
-        reset_peak()
+        memory.reset()
         with torch.no_grad(), amp:
             if a.warmup > 0:
                 model.sample_tokens(2, labels=labels[:2], **{**kw, "num_iter": 2})
@@ -145,7 +134,7 @@ def main() -> None:
             sync()
         s = (time.perf_counter() - t0) / a.sample_batches
         res["sample"] = {"seconds": round(s, 3), "images_per_s": round(a.sample_batch_size / s, 2),
-                         "peak_memory_mb": round(peak_mb(), 1),
+                         "peak_memory_mb": round(memory.peak_mb(), 1),
                          "cpu_seconds": round((time.process_time() - c0) / a.sample_batches, 3)}
     print(json.dumps(res, indent=2))
 

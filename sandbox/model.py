@@ -96,7 +96,7 @@ def compile_blocks(model: MAR, sampling: bool = True) -> None:
         for block in getattr(net, "res_blocks", []):
             block.compile(dynamic=True)
     if sampling:
-        compile_sampling(model)
+        model.head.compile_sampling()  # the compiler was checked above
 
 
 def compile_sampling(model: MAR) -> None:

@@ -34,14 +34,16 @@ LPIPS_MIN_SIZE = 64  # VGG's four and AlexNet's three poolings need larger input
 
 
 def load_lpips(weights: str | None = None, device: torch.device | str = "cpu", random_trunk: bool = False,
-               net: str = "alex", option: str = "--lpips_weights"):
+               net: str = "alex", option: str = "--lpips_weights", alternative: str | None = None):
     """LPIPS (v0.1 linear layers) on the ``net`` trunk read from a local file (``weights``, its environment
-    variable, or the weight folders of sandbox/weights.py; ``option`` names the flag in the error);
-    ``random_trunk`` builds it with a random trunk and no file (for tests: the wiring, not the values)."""
+    variable, or the weight folders of sandbox/weights.py; ``option`` names the flag and ``alternative`` a
+    way to run without the file in the missing-file error); ``random_trunk`` builds it with a random trunk
+    and no file (for tests: the wiring, not the values)."""
     import lpips
 
     filename, source, env = LPIPS_TRUNKS[net]
-    path = None if random_trunk else find_weights(weights, env, (filename,), f"LPIPS {net} trunk", option, source)
+    path = None if random_trunk else find_weights(weights, env, (filename,), f"LPIPS {net} trunk", option, source,
+                                                  alternative)
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)

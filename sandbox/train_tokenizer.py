@@ -150,12 +150,8 @@ class PatchDiscriminator(nn.Module):
 
 def load_lpips(net: str, weights: str | None, random_trunk: bool = False) -> nn.Module:
     """The perceptual loss's LPIPS (sandbox/reconstruction.py), with this command's flags in a missing-file error."""
-    try:
-        return reconstruction.load_lpips(weights, "cpu", random_trunk, net=net, option="--loss.lpips_weights")
-    except UserError as e:
-        if "not found" in str(e) or "nothing downloads" in str(e):
-            raise UserError(f"{e}; or train without LPIPS: --loss.perceptual_weight 0") from None
-        raise
+    return reconstruction.load_lpips(weights, "cpu", random_trunk, net=net, option="--loss.lpips_weights",
+                                     alternative="train without LPIPS: --loss.perceptual_weight 0")
 
 
 # --------------------------------------------------------------------------------------

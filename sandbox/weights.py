@@ -25,17 +25,20 @@ def search_dirs() -> list[Path]:
 
 
 def find_weights(explicit: str | os.PathLike | None, env: str, filenames: tuple[str, ...], what: str,
-                 option: str, source: str) -> Path:
+                 option: str, source: str, alternative: str | None = None) -> Path:
     """The weight file to load, or a UserError that names it and where it goes.
 
     ``filenames``: accepted names (the first is the one to download); ``option``: the command-line flag;
-    ``source``: where the file can be obtained, for the message.
+    ``source``: where the file can be obtained, for the message; ``alternative``: a way to run without the
+    file, appended to the message (e.g. a setting that does not need it).
     """
+    otherwise = f"; or {alternative}" if alternative else ""
     for given, how in ((explicit, option), (os.environ.get(env) or None, f"${env}")):
         if given:
             path = Path(given).expanduser()
             if not path.is_file():
-                raise UserError(f"{what} weights not found at {path} (given by {how}); expected the file {filenames[0]}")
+                raise UserError(f"{what} weights not found at {path} (given by {how}); expected the file "
+                                f"{filenames[0]}{otherwise}")
             return path
     for folder in search_dirs():
         for name in filenames:
@@ -43,4 +46,4 @@ def find_weights(explicit: str | os.PathLike | None, env: str, filenames: tuple[
                 return folder / name
     where = " or ".join(str(d) for d in search_dirs())
     raise UserError(f"{what} weights are needed and nothing downloads here: put {filenames[0]} ({source}) in "
-                    f"{where}, or pass {option} PATH, or set {env}")
+                    f"{where}, or pass {option} PATH, or set {env}{otherwise}")

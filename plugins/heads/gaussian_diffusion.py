@@ -186,7 +186,7 @@ class GaussianDiffusion(nn.Module):
 
         A sampler applies one step to every row, so it multiplies by scalars instead of gathering
         a (N, 1) column per coefficient at every step; float32 tensor x float32-valued scalar gives
-        the same bits as the gathered column, so ``sample_step`` equals ``p_mean_variance`` + noise.
+        the same bits as the gathered column, so ``reverse_step`` equals ``p_mean_variance`` + noise.
         """
         if getattr(self, "_scalars", None) is None:
             names = STEP_COEFFICIENTS[:-1]
@@ -200,11 +200,6 @@ class GaussianDiffusion(nn.Module):
         order (the same float32 values: a compiled sampler takes them as one tensor input)."""
         rows = [[self.step_scalars(i)[n] for n in STEP_COEFFICIENTS] for i in steps]
         return torch.tensor(rows, dtype=torch.float32, device=device)
-
-    def sample_step(self, eps: Tensor, var_values: Tensor, xt: Tensor, i: int, noise: Tensor,
-                    temperature: float = 1.0, x0_clip: float | None = None) -> Tensor:
-        """x_{i-1} for every row at step i (see ``reverse_step``)."""
-        return reverse_step(eps, var_values, xt, self.step_scalars(i), noise, temperature, x0_clip)
 
     # -- training ---------------------------------------------------------------------------
     def training_losses(self, net_out: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:

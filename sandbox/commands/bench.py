@@ -46,8 +46,9 @@ def parser() -> ArgumentParser:
                    help="auto, fp32, bf16 or fp16 (default: the recipe's; auto for an official config).")
     p.add_argument("--batch_size", type=int, default=64, help="Training batch (0 skips training).")
     p.add_argument("--steps", type=int, default=10, help="Timed training steps (after --warmup).")
-    p.add_argument("--warmup", type=int, default=2, help="Untimed training steps first (allocator, compile); > 0 also runs one untimed small "
-                   "sampling call before the timed ones.")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="Untimed training steps first (allocator, compile); > 0 also runs one untimed small "
+                        "sampling call before the timed ones.")
     p.add_argument("--sample_batch_size", type=int, default=64, help="Images per sampling call (0 skips sampling).")
     p.add_argument("--sample_batches", type=int, default=1, help="Timed sampling calls.")
     p.add_argument("--num_iter", type=int | None, default=None, help="Sampling steps (default: recipe's, else 64).")
