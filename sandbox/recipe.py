@@ -153,9 +153,20 @@ def parse_recipe(recipe: dict, origin: str = "the stored recipe") -> Namespace:
         raise UserError(f"stored recipe no longer parses: {one_line(e)}") from e
 
 
+# jsonargparse's words for a class name it cannot resolve: in a plugin slot, that is an unknown plugin
+_UNRESOLVED = re.compile(r'Parser key "(data|tokenizer|ordering|head)":\s+Expected a dot import path string: (\S+)')
+_SLOT_KIND = {"data": "dataset", "tokenizer": "tokenizer", "ordering": "ordering", "head": "head"}
+
+
 def one_line(e: BaseException) -> str:
-    """A parse error as one readable line (jsonargparse errors span several)."""
+    """A parse error as one readable line (jsonargparse errors span several); an unknown plugin name as
+    the registered ones."""
     msg = str(e)
+    unresolved = _UNRESOLVED.search(msg)
+    if unresolved:
+        from sandbox.registry import unknown_plugin
+
+        return unknown_plugin(_SLOT_KIND[unresolved.group(1)], unresolved.group(2))
     msg = re.sub(r"Got value: .*", "", msg, flags=re.S)
     msg = " ".join(msg.split())
     return msg.rstrip(" .:")

@@ -21,6 +21,7 @@ recipe's ``plugins:``) is loaded.
 """
 from __future__ import annotations
 
+import difflib
 import gc
 import importlib
 import importlib.util
@@ -238,6 +239,22 @@ def plugins(kind: str) -> dict[str, type]:
             )
         found[cls.__name__] = cls
     return dict(sorted(found.items()))
+
+
+def unknown_plugin(kind: str, name: str) -> str:
+    """The error for a recipe naming no registered plugin of ``kind``: what it is instead, or the closest
+    names, and where the list of plugins is."""
+    known = plugins(kind)
+    other = next((k for k in KINDS if k != kind and name in plugins(k)), None)
+    if other is not None:
+        head = f"{name} is {'an' if other[0] in 'aeiou' else 'a'} {other}, not a {kind}"
+    else:
+        by_lower = {n.lower(): n for n in known}
+        close = [n for n in by_lower if n.startswith(name.lower())]  # 'raster' for RasterOrdering
+        close = close or difflib.get_close_matches(name.lower(), by_lower, n=1, cutoff=0.8)  # typos
+        head = f"unknown {kind} {name!r}" + (f" (did you mean {by_lower[close[0]]}?)" if len(close) == 1 else "")
+    return (f"{head}; the {kind}s are {', '.join(known) or '(none)'} "
+            f"(`sandbox plugins` lists their options; load your own with --plugin FILE.py)")
 
 
 def describe(kind: str, cls: type) -> PluginInfo:

@@ -116,8 +116,18 @@ def test_user_error_through_the_console_script_exits_2(tmp_path):
 
 def test_unknown_plugin(cli, tiny_recipe, tmp_path):
     proc = cli("train", "--config", tiny_recipe, "--head", "NoSuchHead", "--run_dir", tmp_path / "r")
-    expect_user_error(proc, "NoSuchHead")
+    expect_user_error(proc, "unknown head 'NoSuchHead'", "DiffusionHead, FlowHead", "sandbox plugins")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("slot, name, expected", [
+    ("--head", "FlowHed", "unknown head 'FlowHed' (did you mean FlowHead?)"),  # a typo
+    ("--ordering", "raster", "unknown ordering 'raster' (did you mean RasterOrdering?)"),  # the start of a name
+    ("--head", "RandomOrdering", "RandomOrdering is an ordering, not a head"),  # a plugin of another kind
+    ("--data", "NoData", "unknown dataset 'NoData'; the datasets are"),
+])
+def test_unknown_plugin_names_the_registered_ones(cli, tiny_recipe, tmp_path, slot, name, expected):
+    expect_user_error(cli("train", "--config", tiny_recipe, slot, name, "--run_dir", tmp_path / "r"), expected)
 
 
 def test_unknown_plugin_argument(cli, tiny_recipe, tmp_path):
