@@ -149,6 +149,27 @@ def load_checkpoint(path: Path, map_location="cpu", safe_globals: tuple | list =
         raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {msg[:120]})") from e
 
 
+def state_mismatch(e: RuntimeError, shown: int = 3) -> str:
+    """``load_state_dict``'s error (every key on one of several lines) as one short line: which keys are
+    missing, unexpected or of another shape, the first ``shown`` of each."""
+    lines = [line.strip().rstrip(". ") for line in str(e).splitlines()[1:]]
+    parts = []
+    for label, pattern in (("missing from the checkpoint", "Missing key(s) in state_dict: "),
+                           ("not in the model", "Unexpected key(s) in state_dict: ")):
+        for line in lines:
+            if line.startswith(pattern):
+                keys = re.findall(r'"([^"]+)"', line)
+                more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+                parts.append(f"{label}: {', '.join(keys[:shown])}{more}")
+    sizes = [re.sub(r"size mismatch for (\S+): copying a param with shape torch.Size\((.*)\) from checkpoint, "
+                    r"the shape in current model is torch.Size\((.*)\)", r"\1 \2 in the checkpoint, \3 in the model",
+                    line) for line in lines if line.startswith("size mismatch for ")]
+    if sizes:
+        more = f" and {len(sizes) - shown} more" if len(sizes) > shown else ""
+        parts.append(f"other shapes: {', '.join(sizes[:shown])}{more}")
+    return "; ".join(parts) or str(e).splitlines()[0]
+
+
 def _step_of(path: Path) -> int:
     return int(path.stem.split("-")[1])
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sandbox.guards import check_plan_covered, check_rows, check_step
 from sandbox.kinds import SampleStep
 
 
@@ -73,9 +74,11 @@ def sample_tokens(
     plan = ordering.sampling_plan(B, num_iter, generator, device)
     tokens = torch.zeros(B, L, C, device=device)  # (B, L, C)
     known = torch.zeros(B, L, dtype=torch.bool, device=device)  # (B, L)
+    times = torch.zeros(B, L, dtype=torch.int32, device=device)  # (B, L) predictions per position: 1 at the end
     uncond = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(device)
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for i, step in enumerate(tqdm(plan, desc="sampling", disable=not progress, leave=False)):
+        check_step(ordering, step, B, L)
         inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
         with amp:
             if guided:  # one pass for both branches: conditional rows first, then the fake-latent rows
@@ -88,10 +91,13 @@ def sample_tokens(
                 if model.head_fp32:
                     cond, unc = cond.float(), None if unc is None else unc.float()
                 new = head.sample(cond, temperature, cfg_at(cfg, cfg_schedule, step.progress), unc, generator)  # (N, C)
+        check_rows(head, "sample", new, (cond.shape[0], C))
         tokens[step.predict] = new.to(tokens.dtype)
         known |= step.predict
+        times += step.predict
         if on_step is not None:
             on_step(StepState(i, step, tokens, known))
+    check_plan_covered(ordering, times)
     return tokens
 
 

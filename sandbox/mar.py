@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sandbox.dropout import apply_mask, cpu_mask, dropout, replace_dropout, use_cpu_mask
 from sandbox.errors import UserError
+from sandbox.guards import check_visible_counts
 
 
 @dataclass
@@ -244,7 +245,9 @@ class MARTransformer(nn.Module):
         keep = torch.cat([visible.new_ones(B, buf), visible], dim=1)  # (B, buf+L) buffer is always visible
         n_keep = int(keep[0].sum())
         # positions in ascending order, as the official boolean indexing gives
-        idx = keep.nonzero()[:, 1].view(B, n_keep)  # (B, buf+Lv)
+        kept = keep.nonzero()  # (B*(buf+Lv), 2)
+        check_visible_counts(kept.shape[0], B, n_keep)
+        idx = kept[:, 1].view(B, n_keep)  # (B, buf+Lv)
         tok_idx = idx[:, buf:] - buf  # (B, Lv)
 
         # project only the visible tokens: the official projects all L and then drops (same values, more work)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sandbox.errors import UserError
+from sandbox.guards import check_rows
 from sandbox.kinds import Head, TrainingSplit
 from sandbox.mar import MARTransformer
 
@@ -59,6 +60,7 @@ class MAR(nn.Module):
             if self.head_fp32:
                 target, cond = target.float(), cond.float()
             per_row = self.head.loss(target.repeat(mul, 1), cond.repeat(mul, 1), generator)  # (mul*N,)
+        check_rows(self.head, "loss", per_row, (mul * len(rows),))
         weight = weight.repeat(mul).to(per_row.dtype)
         return (per_row * weight).sum() / weight.sum()
 

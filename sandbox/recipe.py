@@ -9,7 +9,10 @@ every field documents its default.
 from __future__ import annotations
 
 import re
+import sys
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
@@ -189,20 +192,38 @@ class Experiment:
     meta: dict = field(default_factory=dict)
 
 
-def instantiate(cfg: Namespace, key: str):
-    """Build one slot of a parsed recipe; the others (e.g. an expensive dataset) stay unbuilt."""
+def instantiate(cfg: Namespace, key: str, *injected):
+    """Build one slot of a parsed recipe; the others (e.g. an expensive dataset) stay unbuilt. ``injected``:
+    the arguments the core passes an ordering (grid) or a head (token_dim, cond_dim) before its init_args."""
     single = ArgumentParser(exit_on_error=False)
     single.add_argument(f"--{key}", type=SLOT_TYPES[key])
     sub = Namespace()
     sub[key] = cfg[key].clone() if isinstance(cfg[key], Namespace) else cfg[key]
     try:
-        return single.instantiate(sub)[key]
+        built = single.instantiate(sub)[key]
+        return built(*injected) if injected else built
     except UserError:
         raise
-    except (TypeError, ValueError, OSError) as e:
-        if isinstance(cfg[key], Namespace) and "class_path" in cfg[key]:
-            raise UserError(f"cannot build {key} {cfg[key].class_path}: {one_line(e)}") from e
+    except Exception as e:  # a plugin's constructor refusing its settings (or failing): one line that says where
+        named = isinstance(cfg[key], Namespace) and "class_path" in cfg[key]
+        what = f"{key} {cfg[key].class_path.rsplit('.', 1)[-1]}" if named else None
+        if not isinstance(e, (TypeError, ValueError, OSError)):
+            if what is None:
+                raise
+            raise UserError(f"cannot build {what}: {type(e).__name__}: {one_line(e)} "
+                            f"({_raised_at(e, cfg[key].class_path)})") from e
+        if what is not None:
+            raise UserError(f"cannot build {what}: {one_line(e)}") from e
         raise UserError(f"invalid {key} settings: {one_line(e)}") from e
+
+
+def _raised_at(e: BaseException, class_path: str) -> str:
+    """'file.py:line' of the deepest frame of ``e`` in the plugin's own file (else the deepest frame)."""
+    module = sys.modules.get(class_path.rpartition(".")[0])
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [f for f in frames if module is not None and f.filename == getattr(module, "__file__", None)]
+    frame = (own or frames)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
 def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
@@ -219,12 +240,12 @@ def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
     if dataset is not None:
         dataset.check_tokenizer(tokenizer)
     grid = tokenizer.grid_size(meta["image_size"])
-    ordering = instantiate(cfg, "ordering")(grid)
+    ordering = instantiate(cfg, "ordering", grid)
     model_cfg = instantiate(cfg, "model")
     transformer = MARTransformer(model_cfg, ordering.seq_len, tokenizer.token_dim, meta["num_classes"],
                                  ordering.num_groups)
     transformer.set_groups(ordering.groups())
-    head = instantiate(cfg, "head")(tokenizer.token_dim, model_cfg.decoder_dim)
+    head = instantiate(cfg, "head", tokenizer.token_dim, model_cfg.decoder_dim)
     if head.token_dim != tokenizer.token_dim or head.cond_dim != model_cfg.decoder_dim:
         raise UserError(
             f"head {type(head).__name__} has token_dim {head.token_dim} / cond_dim {head.cond_dim} but the tokenizer "

@@ -36,13 +36,12 @@ from pathlib import Path
 from types import ModuleType
 
 from sandbox.errors import UserError
+from sandbox.guards import INJECTED_ARGS, a, check_class
 from sandbox.kinds import KINDS
 
 ENTRY_POINT_GROUP = "mar_sandbox.plugins"
 FILE_MODULE_PREFIX = "sandbox_plugin_"
 
-# how many leading constructor arguments the core injects, per kind (see sandbox.kinds)
-INJECTED_ARGS = {"tokenizer": 0, "ordering": 1, "head": 2, "dataset": 0}
 
 _sources: dict[str, str] = {}  # module name -> where it came from ("built-in", "entry point x (pkg 1.0)", "file p")
 _files: dict[str, Path] = {}  # module name -> the plugin file it was loaded from
@@ -237,6 +236,7 @@ def plugins(kind: str) -> dict[str, type]:
                 f"two {kind} plugins are named {cls.__name__}: {first.__module__}.{first.__name__} "
                 f"({source_of(first)}) and {second.__module__}.{second.__name__} ({source_of(second)}); rename one"
             )
+        check_class(kind, cls, KINDS[kind])  # implements what the core calls, the way it calls it
         found[cls.__name__] = cls
     return dict(sorted(found.items()))
 
@@ -247,7 +247,7 @@ def unknown_plugin(kind: str, name: str) -> str:
     known = plugins(kind)
     other = next((k for k in KINDS if k != kind and name in plugins(k)), None)
     if other is not None:
-        head = f"{name} is {'an' if other[0] in 'aeiou' else 'a'} {other}, not a {kind}"
+        head = f"{name} is {a(other)}, not {a(kind)}"
     else:
         by_lower = {n.lower(): n for n in known}
         close = [n for n in by_lower if n.startswith(name.lower())]  # 'raster' for RasterOrdering

@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sandbox import __version__, distributed
-from sandbox.checkpoint import RunDir
+from sandbox.checkpoint import RunDir, state_mismatch
 from sandbox.diagnostics import run_warnings
 from sandbox.errors import UserError
 from sandbox.generate import generate_many
+from sandbox.guards import check_images, check_split
 from sandbox.images import class_grid, save_png
 from sandbox.mar import xformers_available
 from sandbox.monitor import TensorBoardLogger, plot_metrics
@@ -192,9 +193,12 @@ def training_loss(exp: Experiment, model: nn.Module, images: Tensor, labels: Ten
         if exp.dataset is not None and exp.dataset.provides == "moments":  # a latent cache: no encoder pass
             latent = exp.tokenizer.latent_from_moments(images, generator, sample=True)  # (B, c, h*p, w*p)
         else:
+            if exp.dataset is not None:
+                check_images(exp.dataset, images, exp.image_size)
             latent = exp.tokenizer.encode(images, generator, sample=True)  # (B, c, h*p, w*p)
         seq = exp.ordering.to_sequence(exp.tokenizer.to_tokens(latent))  # (B, L, C)
         split = exp.ordering.training_split(seq, generator)
+        check_split(exp.ordering, split, seq)
     return model(seq, split, labels, generator)
 
 
@@ -337,7 +341,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
             core.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
         except RuntimeError as e:
-            raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this model: {str(e).splitlines()[0]}") from e
+            raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this model: {state_mismatch(e)}") from e
         opt.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -398,7 +402,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     model.train()
-    with _StopRequested() as stop:
+    with _StopRequested() as stop, bar:  # the bar ends its line before an error is printed
         stopping = False
         while step < tc.steps and not stopping:
             lr = lr_at(step, tc, peak_lr)
@@ -432,7 +436,6 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
             step += 1
             bar.update(1)
             if guard.diverged():
-                bar.close()
                 raise guard.stop(step, last_good)
 
             if main and (step % tc.log_every == 0 or step == tc.steps):
@@ -500,7 +503,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", he
     try:
         exp.model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"checkpoint of {run.root} does not fit its recipe's model: {str(e).splitlines()[0]}") from e
+        raise UserError(f"checkpoint of {run.root} does not fit its recipe's model: {state_mismatch(e)}") from e
     dev = distributed.local_device(resolve_device(device))
     exp.model.to(dev).eval()
     exp.tokenizer.to(dev)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sandbox import __version__, reconstruction
-from sandbox.checkpoint import RunDir, atomic_write_bytes
+from sandbox.checkpoint import RunDir, atomic_write_bytes, state_mismatch
 from sandbox.errors import UserError
 from sandbox.kinds import Dataset
 from sandbox.metrics import psnr
@@ -255,8 +255,8 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
                 disc.load_state_dict(ckpt["disc"])
                 disc_opt.load_state_dict(ckpt["disc_optimizer"])
         except (RuntimeError, KeyError, TypeError) as e:
-            raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this autoencoder: "
-                            f"{str(e).splitlines()[0]}") from e
+            detail = state_mismatch(e) if isinstance(e, RuntimeError) else one_line(e)
+            raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this autoencoder: {detail}") from e
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
         guard.load_state_dict(ckpt["guard"])

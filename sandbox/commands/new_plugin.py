@@ -8,6 +8,7 @@ overwritten. See docs/writing-plugins.md.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from string import Template
@@ -264,4 +265,13 @@ def run(cfg: Namespace) -> None:
     print(f"wrote {out / (name + '.py')} ({cls}), its contract test {out / ('test_' + name + '.py')} and a recipe "
           f"stub {out / (name + '.yaml')}\n"
           f"next: pytest {out / ('test_' + name + '.py')}\n"
-          f"      sandbox train --config recipes/quickstart.yaml --config {out / (name + '.yaml')} --train.steps 50")
+          f"      sandbox train --config {quickstart_recipe()} --config {out / (name + '.yaml')} --train.steps 50")
+
+
+def quickstart_recipe() -> str:
+    """The quickstart recipe of the checkout this package runs from, as a path from here (a clone's
+    recipes/quickstart.yaml otherwise: recipes are not part of an installed wheel)."""
+    path = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+    if not path.is_file():
+        return "recipes/quickstart.yaml"
+    return min(str(path), os.path.relpath(path), key=len)
