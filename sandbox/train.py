@@ -314,7 +314,6 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     ResumableBatchSampler(len(exp.dataset), tc.batch_size, cfg.seed, 0, 0, dist_info.world_size, tc.grad_accum)
     if main:
         run.create(reserve_bytes=checkpoint_reserve(exp.model, tc))
-        run.write_recipe(recipe)
 
     core = exp.model.to(device)  # the module itself; `model` is what the loop calls (DDP-wrapped on several ranks)
     exp.tokenizer.to(device)
@@ -349,9 +348,16 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         if "guards" in ckpt:
             guard.load_state_dict(ckpt["guards"]["nonfinite"])
             best.load_state_dict(ckpt["guards"]["best"])
+        if step >= tc.steps:  # nothing to train: leave the run as it is
+            if main:
+                print(f"{run.root} is complete: step {step} of {tc.steps} ({run.loaded_path.name}); "
+                      "raise --train.steps to train it longer")
+            return {"step": step, "run_dir": str(run.root), "complete": True, "model": core}
         if main:
             run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
             print(f"resuming {run.root} from step {step} ({run.loaded_path.name})")
+    if main:  # only now: a resume refused above leaves the stored recipe as it was
+        run.write_recipe(recipe)
     last_good = run.loaded_path  # named when the run stops on non-finite numbers
 
     if tc.compile:

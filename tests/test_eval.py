@@ -96,6 +96,15 @@ def test_modes_fix_the_number_of_images():
     assert _num_images(parser().parse_args(["--run_dir", "r"])) == 1000  # the digits tables' sample count
 
 
+def test_missing_inception_weights_stop_a_run_eval_before_sampling(sandbox_cli, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("SANDBOX_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("SANDBOX_CACHE", str(tmp_path / "cache"))
+    before = sorted(tiny_run.rglob("*"))
+    proc = sandbox_cli("eval", "--run_dir", tiny_run, "--inception", "true", "--num_images", 3, "--num_iter", 2)
+    assert proc.returncode == 2 and "weights-inception-2015-12-05-6726825d.pth" in proc.stderr
+    assert sorted(tiny_run.rglob("*")) == before  # no samples drawn and cached for nothing
+
+
 def test_missing_inception_weights_name_the_file(sandbox_cli, image_sets, tmp_path, monkeypatch):
     monkeypatch.delenv("SANDBOX_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("SANDBOX_CACHE", str(tmp_path / "cache"))

@@ -67,6 +67,33 @@ def test_run_dir_with_a_different_recipe_is_refused(tmp_path):
     assert (tmp_path / "run" / "recipe.yaml").read_text() == before
 
 
+def test_a_refused_resume_keeps_the_stored_recipe(tmp_path):
+    train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "recipe.yaml").read_text()
+    with pytest.raises(UserError, match="global batch of 8"):  # steps and batch size are resumable keys
+        train(parse(tmp_path, steps=4, batch_size=4), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == before
+
+
+def test_a_complete_run_is_reported_and_left_as_it_is(tmp_path, capsys):
+    train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    summary = train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
+    assert summary["complete"] and summary["step"] == 2
+    assert "is complete: step 2 of 2" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+
+
+def test_a_run_directory_recipe_continues_that_run(tmp_path, monkeypatch):
+    from sandbox.commands.train import default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    train(parse(tmp_path, steps=2), tmp_path / "runs" / "r", progress=False)
+    stored = recipe_parser().parse_args(["--config", "runs/r/recipe.yaml"])
+    assert default_run_dir(stored) == "runs/r"
+    assert default_run_dir(recipe_parser().parse_args(["--config", "r.yaml"])) == "runs/r"
+
+
 def test_training_lowers_the_loss(tmp_path):
     summary = train(parse(tmp_path, steps=40, log_every=1, ckpt_every=100), tmp_path / "run", progress=False)
     import json

@@ -55,7 +55,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--num_sampling_steps", type=int | None, default=None,
                    help="Diffusion steps per token (default: the recipe's head / the official config's).")
     p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's, else 1.0).")
-    p.add_argument("--temperature", type=float, default=1.0, help="Head temperature.")
+    p.add_argument("--temperature", type=float | None, default=None,
+                   help="Head temperature (default: the recipe's, else 1.0).")
     p.add_argument("--grad_checkpointing", type=bool | None, default=None,
                    help="Recompute transformer and head blocks in backward (default: the recipe's).")
     p.add_argument("--compile", type=bool | None, default=None,
@@ -189,6 +190,8 @@ def run(cfg: Namespace) -> None:
     amp_dtype = autocast_dtype(precision, device)
     num_iter = cfg.num_iter or (sc.num_iter if sc else 64)
     guidance = cfg.cfg if cfg.cfg is not None else (sc.cfg if sc else 1.0)
+    temperature = cfg.temperature if cfg.temperature is not None else (sc.temperature if sc else 1.0)
+    cfg_schedule = sc.cfg_schedule if sc else "linear"  # the official fixtures' runs: linear
     tr = model.transformer
     if cfg.grad_checkpointing is not None:
         tr.config.grad_checkpointing = cfg.grad_checkpointing
@@ -223,7 +226,7 @@ def run(cfg: Namespace) -> None:
             "decoder": [tr.config.decoder_dim, tr.config.decoder_depth],
             "batch_size": cfg.batch_size, "steps": cfg.steps, "sample_batch_size": cfg.sample_batch_size,
             "num_iter": num_iter, "num_sampling_steps": diffusion_steps, "cfg": guidance,
-            "temperature": cfg.temperature, "precision": precision, "compile": use_compile,
+            "temperature": temperature, "cfg_schedule": cfg_schedule, "precision": precision, "compile": use_compile,
             "compile_sampling": use_compile_sampling,
             "grad_checkpointing": tr.config.grad_checkpointing, "attention": tr.config.attention,
         },
@@ -269,7 +272,8 @@ def run(cfg: Namespace) -> None:
     if cfg.sample_batch_size > 0 and cfg.sample_batches > 0:
         model.eval()
         labels = balanced_labels(cfg.sample_batch_size, num_classes, device)
-        kwargs = dict(num_iter=num_iter, cfg=guidance, temperature=cfg.temperature, autocast_dtype=amp_dtype)
+        kwargs = dict(num_iter=num_iter, cfg=guidance, cfg_schedule=cfg_schedule, temperature=temperature,
+                      autocast_dtype=amp_dtype)
         memory.reset()
         t0 = time.perf_counter()
         if cfg.warmup > 0 or use_compile_sampling or use_compile:  # untimed: one-time work (compile, cached step embeddings, allocator)

@@ -17,13 +17,20 @@ def parser() -> ArgumentParser:
     p = ArgumentParser(exit_on_error=False, description=HELP)
     add_recipe_arguments(p)
     p.add_argument("--run_dir", type=str | None, default=None,
-                   help="Where checkpoints, logs and grids go (default: runs/<recipe file name>).")
+                   help="Where checkpoints, logs and grids go (default: runs/<recipe file name>; for a run "
+                        "directory's own recipe.yaml, that run directory).")
     return p
 
 
 def default_run_dir(cfg: Namespace) -> str:
+    """runs/<name of the last recipe file>; a run directory's own recipe.yaml continues that run."""
     configs = cfg.get("config") or []
-    return os.path.join("runs", Path(str(configs[-1])).stem if configs else "run")
+    if not configs:
+        return os.path.join("runs", "run")
+    last = Path(str(configs[-1]))
+    if last.name == "recipe.yaml" and (last.parent / "checkpoints").is_dir():
+        return str(last.parent)
+    return os.path.join("runs", last.stem)
 
 
 def run(cfg: Namespace) -> None:
@@ -35,7 +42,7 @@ def run(cfg: Namespace) -> None:
         summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
     if summary.get("stopped"):  # checkpoint saved; exit as the signal would have (schedulers read "not done")
         raise SystemExit(128 + summary["signal"])
-    if not me.is_main:
-        return  # rank 0 reports
+    if not me.is_main or summary.get("complete"):
+        return  # rank 0 reports; a complete run said so
     print(f"done: {summary['step']} steps; run directory {summary['run_dir']}; final grid {summary['grid']}; "
           f"loss curve {summary.get('loss_curve')}")
