@@ -99,6 +99,19 @@ def check_images(dataset, images: Tensor, size: int) -> None:
                                          "RGB in [-1, 1] at its image_size")
 
 
+def check_labels(dataset, labels: Tensor) -> None:
+    """A batch's labels (B,) are integers in [0, num_classes) (checked on the CPU, before they move)."""
+    k = int(dataset.num_classes)
+    bad = labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool
+    if not bad and len(labels):
+        low, high = int(labels.min()), int(labels.max())
+        bad = low < 0 or high >= k
+    if bad:
+        shown = labels.flatten()[:8].tolist() if isinstance(labels, Tensor) else labels
+        raise broken(dataset, "dataset", f"gave labels {shown} ({labels.dtype}, shape {tuple(labels.shape)}); "
+                                         f"expected integer class indices in [0, num_classes={k})")
+
+
 def check_rows(head, what: str, out, shape: tuple) -> None:
     """A head's ``loss`` (N,) or ``sample`` (N, C) returned one row per input row."""
     if not isinstance(out, Tensor) or tuple(out.shape) != shape:

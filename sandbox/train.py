@@ -30,7 +30,7 @@ from sandbox.checkpoint import RunDir, state_mismatch
 from sandbox.diagnostics import run_warnings
 from sandbox.errors import UserError
 from sandbox.generate import generate_many
-from sandbox.guards import check_images, check_split
+from sandbox.guards import check_images, check_labels, check_split
 from sandbox.images import class_grid, save_png
 from sandbox.mar import xformers_available
 from sandbox.monitor import TensorBoardLogger, plot_metrics
@@ -179,6 +179,7 @@ def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.
                                          generator=torch.Generator().manual_seed(seed + start_micro),
                                          worker_init_fn=_ignore_stop_signals if tc.num_workers > 0 else None)
     for images, labels in loader:
+        check_labels(dataset, labels)
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 

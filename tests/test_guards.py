@@ -121,6 +121,14 @@ CASES = {
                 split.visible[0] = True
                 return split
         """, {"ordering": ORDERING}, ["visible mask shows different numbers of positions in different rows"], False),
+    "dataset with a label outside its classes": ("""
+        from plugins.datasets.digits import DigitsDataset
+        class Broken(DigitsDataset):
+            def __getitem__(self, index):
+                image, label = super().__getitem__(index)
+                return image, 10
+        """, {"data": {"class_path": "Broken", "init_args": {"image_size": 8}}},
+        ["dataset Broken", "gave labels [10, 10, 10, 10, 10, 10, 10, 10]", "in [0, num_classes=10)"], False),
     "dataset of one-channel images": ("""
         from plugins.datasets.digits import DigitsDataset
         class Broken(DigitsDataset):
