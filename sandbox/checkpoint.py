@@ -162,7 +162,7 @@ def state_mismatch(e: RuntimeError, shown: int = 3) -> str:
                 more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
                 parts.append(f"{label}: {', '.join(keys[:shown])}{more}")
     sizes = [re.sub(r"size mismatch for (\S+): copying a param with shape torch.Size\((.*)\) from checkpoint, "
-                    r"the shape in current model is torch.Size\((.*)\)", r"\1 \2 in the checkpoint, \3 in the model",
+                    r"the shape in current model is torch.Size\((.*)\)", r"\1 (checkpoint \2, model \3)",
                     line) for line in lines if line.startswith("size mismatch for ")]
     if sizes:
         more = f" and {len(sizes) - shown} more" if len(sizes) > shown else ""

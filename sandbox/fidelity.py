@@ -53,15 +53,21 @@ def inception_weights(path: str | None = None) -> Path:
                         f"torch-fidelity's TF-Inception port, {URL_INCEPTION_V3}")
 
 
-def load_feature_extractor(name: str = INCEPTION, weights: str | None = None, device: torch.device | str = "cpu"):
-    """A torch-fidelity feature extractor in eval mode on ``device``. Inception needs its weight file
-    (``inception_weights``); another registered extractor gets ``weights`` if given, else builds itself."""
+def check_feature_extractor(name: str = INCEPTION, weights: str | None = None) -> str | None:
+    """The extractor is one torch-fidelity knows and its weight file is there (cheap: for a command to check
+    before it samples). Returns the weights path to load."""
     registry = feature_extractors()
     if name not in registry:
         raise UserError(f"unknown feature extractor {name!r}; torch-fidelity knows {', '.join(sorted(registry))}")
-    cls = registry[name]
+    return str(inception_weights(weights)) if name == INCEPTION else weights
+
+
+def load_feature_extractor(name: str = INCEPTION, weights: str | None = None, device: torch.device | str = "cpu"):
+    """A torch-fidelity feature extractor in eval mode on ``device``. Inception needs its weight file
+    (``inception_weights``); another registered extractor gets ``weights`` if given, else builds itself."""
+    weights = check_feature_extractor(name, weights)
+    cls = feature_extractors()[name]
     if name == INCEPTION:
-        weights = str(inception_weights(weights))
         # torch-fidelity unpickles the file with weights_only=False; read it safely first, so a file that
         # would run code is refused here (sandbox.checkpoint's rule for every file the project loads)
         load_checkpoint(weights)

@@ -1,9 +1,9 @@
 """Cheap checks the cores make on plugins: a plugin that breaks its kind's contract stops the run with one
 error line that names it (exit code 2), not a traceback deep inside the core, and never silently wrong images.
 
-Two moments: when a plugin class registers (``check_class``: the methods its kind needs are implemented, with
-at least the base's arguments, and the constructor takes the arguments the core injects first) and while the
-cores run (``check_*``: shapes, which cost nothing, and one count per sampled batch). The full contract
+Two moments: when a recipe names a plugin class (``check_class``: the methods its kind needs are implemented,
+callable the way the core calls them, and the constructor takes the arguments the core injects first) and while
+the cores run (``check_*``: shapes, which cost nothing, and one count per sampled batch). The full contract
 (determinism, randomness from the generator, round trips, ...) is the contract kit's job:
 ``sandbox.testing.check_plugin`` (docs/writing-plugins.md).
 """
@@ -16,18 +16,19 @@ from torch import Tensor
 
 from sandbox.errors import UserError
 
-# what each kind must implement itself; the base class only raises NotImplementedError for these
+# what each kind must implement itself (the base class only raises NotImplementedError), and how the core
+# calls it: (positional arguments after self, keyword arguments)
 REQUIRED = {
-    "tokenizer": ("encode", "decode"),
-    "ordering": ("training_split", "sampling_plan"),
-    "head": ("loss", "sample"),
-    "dataset": ("__len__", "__getitem__"),
+    "tokenizer": {"encode": (2, ("sample",)), "decode": (1, ())},
+    "ordering": {"training_split": (2, ()), "sampling_plan": (4, ())},
+    "head": {"loss": (3, ()), "sample": (5, ())},
+    "dataset": {"__len__": (0, ()), "__getitem__": (1, ())},
 }
 # how many leading constructor arguments the core injects, per kind (sandbox.kinds documents them)
 INJECTED_ARGS = {"tokenizer": 0, "ordering": 1, "head": 2, "dataset": 0}
 
 
-def a(word: str) -> str:
+def with_article(word: str) -> str:
     """'a head', 'an ordering'."""
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
@@ -42,42 +43,54 @@ def broken(plugin, kind: str, problem: str) -> UserError:
 
 
 # --------------------------------------------------------------------------------------
-# When a class registers
+# When a recipe names a class
 # --------------------------------------------------------------------------------------
-def _positional(fn) -> tuple[list[inspect.Parameter], bool]:
-    """(positional parameters after self, whether it takes *args)."""
-    params = list(inspect.signature(fn).parameters.values())[1:]
-    star = any(p.kind is p.VAR_POSITIONAL for p in params)
-    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)], star
+def _plain(fn) -> str:
+    """A signature without annotations: ``loss(self, target, cond, generator=None)``."""
+    sig = inspect.signature(fn)
+    params = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+    return f"{fn.__name__}{sig.replace(parameters=params, return_annotation=sig.empty)}"
+
+
+def _accepts(fn, positional: int, keywords=()) -> bool:
+    """Whether ``fn`` (a function defined on a class: self first) takes the call the core makes."""
+    try:
+        inspect.signature(fn).bind(None, *[None] * positional, **{k: None for k in keywords})
+    except TypeError:
+        return False
+    return True
 
 
 def check_class(kind: str, cls: type, base: type) -> None:
-    """A plugin class implements what its kind needs, callable the way the core calls it."""
-    for name in REQUIRED[kind]:
-        mine, theirs = getattr(cls, name), getattr(base, name)
-        if mine is theirs:
-            raise broken(cls, kind, f"does not implement {name}(); {a(kind)} implements "
-                                    f"{' and '.join(REQUIRED[kind])} (or set __abstract_plugin__ = True on a "
-                                    "base class that is not a recipe choice)")
-        need, _ = _positional(theirs)
-        have, star = _positional(mine)
-        if not star and len(have) < len(need):
-            raise broken(cls, kind, f"defines {name}{inspect.signature(mine)}, but the core calls it as "
-                                    f"{base.__name__}.{name}{inspect.signature(theirs)}")
+    """A plugin class a recipe names implements what its kind needs, callable the way the core calls it."""
+    for name, (positional, keywords) in REQUIRED[kind].items():
+        mine = getattr(cls, name)
+        if mine is getattr(base, name):
+            raise broken(cls, kind, f"does not implement {name}(); {with_article(kind)} implements "
+                                    f"{' and '.join(REQUIRED[kind])}")
+        if not _accepts(mine, positional, keywords):
+            raise broken(cls, kind, f"defines {_plain(mine)}, but the core calls it as "
+                                    f"{base.__name__}.{_plain(getattr(base, name))} takes it")
     n = INJECTED_ARGS[kind]
     if n:
         injected = list(inspect.signature(base.__init__).parameters)[1 : 1 + n]
-        params, star = _positional(cls.__init__)
-        if not star and (len(params) < n or any(p.default is not p.empty for p in params[:n])):
-            raise broken(cls, kind, f"has __init__{inspect.signature(cls.__init__)}; the core builds {a(kind)} "
-                                    f"as {cls.__name__}({', '.join(injected)}, **init_args), so __init__ must "
-                                    f"take {', '.join(injected)} first, without defaults")
+        params = [p for p in inspect.signature(cls.__init__).parameters.values()][1:]
+        # the core passes them positionally: a first argument of another name with a default (say
+        # `ratio=0.5`) would silently receive the grid
+        takes_them = _accepts(cls.__init__, n) and all(
+            p.kind is p.VAR_POSITIONAL or p.default is p.empty or p.name == want
+            for p, want in zip(params[:n], injected))
+        if not takes_them:
+            raise broken(cls, kind, f"has {_plain(cls.__init__)}; the core builds {with_article(kind)} as "
+                                    f"{cls.__name__}({', '.join(injected)}, **init_args), so __init__ must take "
+                                    f"{', '.join(injected)} first")
 
 
 # --------------------------------------------------------------------------------------
 # While the cores run
 # --------------------------------------------------------------------------------------
-def _shape(x) -> str:
+def shape_of(x) -> str:
+    """'(2, 3)' for a tensor, else the type's name."""
     return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
@@ -87,7 +100,7 @@ def check_split(ordering, split, seq: Tensor) -> None:
     for what, x, shape, dtype in (("inputs", split.inputs, (B, L, C), None), ("visible", split.visible, (B, L), torch.bool),
                                   ("weight", split.weight, (B, L), None)):
         if not isinstance(x, Tensor) or tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
-            raise broken(ordering, "ordering", f"training_split gave {what} {_shape(x)}"
+            raise broken(ordering, "ordering", f"training_split gave {what} {shape_of(x)}"
                                                f"{'' if not isinstance(x, Tensor) else ' ' + str(x.dtype)}; "
                                                f"expected {shape}{' bool' if dtype is torch.bool else ''}")
 
@@ -95,35 +108,37 @@ def check_split(ordering, split, seq: Tensor) -> None:
 def check_images(dataset, images: Tensor, size: int) -> None:
     """A batch of a dataset that provides images is (B, 3, H, W) at the recipe's image size."""
     if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-        raise broken(dataset, "dataset", f"gave a batch of images {_shape(images)}; expected (B, 3, {size}, {size}): "
-                                         "RGB in [-1, 1] at its image_size")
+        raise broken(dataset, "dataset", f"gave a batch of images {shape_of(images)}; expected "
+                                         f"(B, 3, {size}, {size}): RGB in [-1, 1] at its image_size")
 
 
 def check_labels(dataset, labels: Tensor) -> None:
     """A batch's labels (B,) are integers in [0, num_classes) (checked on the CPU, before they move)."""
     k = int(dataset.num_classes)
-    bad = labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool
-    if not bad and len(labels):
-        low, high = int(labels.min()), int(labels.max())
-        bad = low < 0 or high >= k
+    if isinstance(labels, Tensor):
+        bad = labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool
+        if not bad and len(labels):
+            bad = int(labels.min()) < 0 or int(labels.max()) >= k
+        shown = f"{labels.flatten()[:8].tolist()} ({labels.dtype}, shape {tuple(labels.shape)})"
+    else:
+        bad, shown = True, f"{str(labels)[:60]} ({type(labels).__name__})"
     if bad:
-        shown = labels.flatten()[:8].tolist() if isinstance(labels, Tensor) else labels
-        raise broken(dataset, "dataset", f"gave labels {shown} ({labels.dtype}, shape {tuple(labels.shape)}); "
-                                         f"expected integer class indices in [0, num_classes={k})")
+        raise broken(dataset, "dataset", f"gave labels {shown}; expected integer class indices in "
+                                         f"[0, num_classes={k})")
 
 
 def check_rows(head, what: str, out, shape: tuple) -> None:
     """A head's ``loss`` (N,) or ``sample`` (N, C) returned one row per input row."""
     if not isinstance(out, Tensor) or tuple(out.shape) != shape:
         letters = "(N,): the per-row loss" if len(shape) == 1 else "(N, C): one token per row"
-        raise broken(head, "head", f"{what} returned {_shape(out)}; expected {letters}, here {shape}")
+        raise broken(head, "head", f"{what} returned {shape_of(out)}; expected {letters}, here {shape}")
 
 
 def check_step(ordering, step, batch: int, length: int) -> None:
     """A sampling step predicts a (B, L) bool mask."""
     p = step.predict
     if not isinstance(p, Tensor) or tuple(p.shape) != (batch, length) or p.dtype != torch.bool:
-        raise broken(ordering, "ordering", f"sampling_plan gave a step whose predict is {_shape(p)} "
+        raise broken(ordering, "ordering", f"sampling_plan gave a step whose predict is {shape_of(p)} "
                                            f"{getattr(p, 'dtype', '')}; expected ({batch}, {length}) bool")
 
 
@@ -136,10 +151,9 @@ def check_plan_covered(ordering, times: Tensor) -> None:
                                            "position exactly once")
 
 
-def check_visible_counts(nonzero_rows: int, batch: int, per_row: int) -> None:
+def check_visible_counts(fewest: int, most: int) -> None:
     """Every row of a visible mask shows the same number of positions (the encoder packs them as (B, n))."""
-    if nonzero_rows != batch * per_row:
+    if fewest != most:
         raise UserError(f"the ordering's visible mask shows different numbers of positions in different rows "
-                        f"({nonzero_rows} in {batch} rows, {per_row} in the first); training_split and "
-                        "step_inputs must show the same number in every row (sandbox.testing.check_ordering "
-                        "names the step)")
+                        f"({fewest} to {most}, with the class-token buffer); training_split and step_inputs must "
+                        "show the same number in every row (sandbox.testing.check_ordering names the step)")

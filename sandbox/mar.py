@@ -243,11 +243,11 @@ class MARTransformer(nn.Module):
         B, L, _ = tokens.shape
         buf = self.config.buffer_size
         keep = torch.cat([visible.new_ones(B, buf), visible], dim=1)  # (B, buf+L) buffer is always visible
-        n_keep = int(keep[0].sum())
+        fewest, most = torch.stack(torch.aminmax(keep.sum(1))).tolist()  # one device sync, as int(keep[0].sum())
+        check_visible_counts(fewest, most)
+        n_keep = most
         # positions in ascending order, as the official boolean indexing gives
-        kept = keep.nonzero()  # (B*(buf+Lv), 2)
-        check_visible_counts(kept.shape[0], B, n_keep)
-        idx = kept[:, 1].view(B, n_keep)  # (B, buf+Lv)
+        idx = keep.nonzero()[:, 1].view(B, n_keep)  # (B, buf+Lv)
         tok_idx = idx[:, buf:] - buf  # (B, Lv)
 
         # project only the visible tokens: the official projects all L and then drops (same values, more work)

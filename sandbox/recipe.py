@@ -8,6 +8,7 @@ every field documents its default.
 """
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 import traceback
@@ -19,7 +20,8 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from sandbox.errors import UserError
-from sandbox.kinds import Dataset, Head, Ordering, Tokenizer
+from sandbox.guards import check_class
+from sandbox.kinds import KINDS, Dataset, Head, Ordering, Tokenizer
 from sandbox.mar import MARConfig, MARTransformer
 from sandbox.model import MAR
 
@@ -199,6 +201,9 @@ def instantiate(cfg: Namespace, key: str, *injected):
     single.add_argument(f"--{key}", type=SLOT_TYPES[key])
     sub = Namespace()
     sub[key] = cfg[key].clone() if isinstance(cfg[key], Namespace) else cfg[key]
+    if key in _SLOT_KIND and isinstance(cfg[key], Namespace) and "class_path" in cfg[key]:
+        kind = _SLOT_KIND[key]
+        check_class(kind, _resolve(cfg[key].class_path), KINDS[kind])  # callable the way the core calls it
     try:
         built = single.instantiate(sub)[key]
         return built(*injected) if injected else built
@@ -215,6 +220,12 @@ def instantiate(cfg: Namespace, key: str, *injected):
         if what is not None:
             raise UserError(f"cannot build {what}: {one_line(e)}") from e
         raise UserError(f"invalid {key} settings: {one_line(e)}") from e
+
+
+def _resolve(class_path: str) -> type:
+    """The class a parsed recipe names (jsonargparse resolved it to an importable path)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(module) or importlib.import_module(module), name)
 
 
 def _raised_at(e: BaseException, class_path: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 
 from sandbox.errors import UserError
-from sandbox.guards import INJECTED_ARGS, a, check_class
+from sandbox.guards import INJECTED_ARGS, with_article
 from sandbox.kinds import KINDS
 
 ENTRY_POINT_GROUP = "mar_sandbox.plugins"
@@ -236,7 +236,6 @@ def plugins(kind: str) -> dict[str, type]:
                 f"two {kind} plugins are named {cls.__name__}: {first.__module__}.{first.__name__} "
                 f"({source_of(first)}) and {second.__module__}.{second.__name__} ({source_of(second)}); rename one"
             )
-        check_class(kind, cls, KINDS[kind])  # implements what the core calls, the way it calls it
         found[cls.__name__] = cls
     return dict(sorted(found.items()))
 
@@ -247,7 +246,7 @@ def unknown_plugin(kind: str, name: str) -> str:
     known = plugins(kind)
     other = next((k for k in KINDS if k != kind and name in plugins(k)), None)
     if other is not None:
-        head = f"{name} is {a(other)}, not {a(kind)}"
+        head = f"{name} is {with_article(other)}, not {with_article(kind)}"
     else:
         by_lower = {n.lower(): n for n in known}
         close = [n for n in by_lower if n.startswith(name.lower())]  # 'raster' for RasterOrdering

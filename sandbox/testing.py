@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from sandbox.guards import shape_of
 from sandbox.kinds import Dataset, Head, Ordering, SampleStep, Tokenizer, TrainingSplit
 
 __all__ = ["ContractError", "check_tokenizer", "check_ordering", "check_head", "check_dataset", "check_plugin",
@@ -50,10 +51,6 @@ def _name(plugin) -> str:
 
 def _fail(plugin, msg: str, kind: str = "plugin") -> ContractError:
     return ContractError(f"{_name(plugin)} breaks the {kind} contract: {msg}")
-
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
@@ -86,7 +83,7 @@ class _Check:
         """``x`` is a tensor of ``shape`` (named ``letters``, e.g. "(B, L, C)") and dtype kind float/bool/long."""
         self.expect(isinstance(x, Tensor), f"{what} returned {type(x).__name__}; expected a tensor {letters}")
         self.expect(tuple(x.shape) == tuple(shape),
-                    f"{what} has shape {_shape(x)}; expected {letters} = {tuple(shape)}")
+                    f"{what} has shape {shape_of(x)}; expected {letters} = {tuple(shape)}")
         ok = {"float": x.is_floating_point(), "bool": x.dtype == torch.bool,
               "long": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool}[dtype]
         self.expect(ok, f"{what} has dtype {x.dtype}; expected a {dtype} tensor")
@@ -169,7 +166,7 @@ def check_tokenizer(tokenizer, image_size: int | None = None, batch: int = 2, **
         c.tensor(f"to_tokens(latent {tuple(latent.shape)})", grid, (batch, tok.token_dim, h, w), "(B, C, h, w)")
         back = c.call("from_tokens(grid)", tok.from_tokens, grid)
         c.expect(isinstance(back, Tensor) and back.shape == latent.shape and torch.equal(back, latent),
-                 f"from_tokens(to_tokens(latent)) gives {_shape(back)}, not the latent {tuple(latent.shape)} back")
+                 f"from_tokens(to_tokens(latent)) gives {shape_of(back)}, not the latent {tuple(latent.shape)} back")
         with c.own_randomness("decode(latent)"):
             decoded = c.call(f"decode(latent {tuple(latent.shape)})", tok.decode, latent)
         c.tensor(f"decode(latent {tuple(latent.shape)})", decoded, tuple(images.shape), "(B, 3, H, W)")
@@ -180,7 +177,7 @@ def check_tokenizer(tokenizer, image_size: int | None = None, batch: int = 2, **
         c.tensor(f"moments(images {tuple(images.shape)})", moments, (batch, P, *latent_shape[2:]), "(B, P, H/s, W/s)")
         mean = c.call("latent_from_moments(moments, sample=False)", tok.latent_from_moments, moments, sample=False)
         c.expect(isinstance(mean, Tensor) and mean.shape == latent.shape and torch.allclose(mean, latent, atol=1e-5),
-                 f"latent_from_moments(moments(x), sample=False) gives {_shape(mean)}, not encode(x, sample=False) "
+                 f"latent_from_moments(moments(x), sample=False) gives {shape_of(mean)}, not encode(x, sample=False) "
                  f"{tuple(latent.shape)}" + (f" (max |diff| {_max_diff(mean, latent):.3g})"
                                              if isinstance(mean, Tensor) and mean.shape == latent.shape else ""))
         with c.own_randomness("latent_from_moments(moments, generator)"):
@@ -410,7 +407,7 @@ def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
     c.expect(isinstance(out, Tensor) and isinstance(again, Tensor) and torch.equal(out, again),
              f"{aug_call} with the same generator seed gave different results; draw from `generator`")
     if not images_:
-        c.expect(out.ndim == 4 and out.shape[0] == len(items), f"{aug_call} has shape {_shape(out)}; expected "
+        c.expect(out.ndim == 4 and out.shape[0] == len(items), f"{aug_call} has shape {shape_of(out)}; expected "
                                                                f"moments (B, P, h, w) with B = {len(items)}")
         c.tensor(aug_call, out, tuple(out.shape), "(B, P, h, w)")
         return

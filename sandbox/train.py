@@ -168,7 +168,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.device,
-            dist_info: distributed.DistInfo = distributed.DistInfo()):
+            dist_info: distributed.DistInfo = distributed.DistInfo(), labelled: bool = False):
+    """(images, labels) micro-batches on ``device`` from micro-batch ``start_step * grad_accum`` on; ``labelled``:
+    the labels condition the model, so each batch's are checked against the dataset's classes first."""
     start_micro = start_step * tc.grad_accum
     sampler = ResumableBatchSampler(len(dataset), tc.batch_size, seed, start_micro, dist_info.rank,
                                     dist_info.world_size, tc.grad_accum)
@@ -179,7 +181,8 @@ def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.
                                          generator=torch.Generator().manual_seed(seed + start_micro),
                                          worker_init_fn=_ignore_stop_signals if tc.num_workers > 0 else None)
     for images, labels in loader:
-        check_labels(dataset, labels)
+        if labelled:
+            check_labels(dataset, labels)  # on the CPU, before they move: no device sync
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
@@ -278,6 +281,18 @@ class _StopRequested:
             signal.signal(s, h)
 
 
+def grid_name(step: int) -> str:
+    """The sample grid drawn at ``step`` (samples/<name>.png)."""
+    return f"step_{step:07d}"
+
+
+def finished(run: RunDir, ckpt: dict, steps: int) -> bool:
+    """Whether a run reached ``steps`` and did its end work: the end checkpoint, then the final grid (a run
+    stopped by a signal in its last step, or whose final grid failed, still does them when rerun)."""
+    step = int(ckpt["step"])
+    return step >= steps and bool(ckpt.get("ended")) and (run.samples_dir / f"{grid_name(step)}.png").is_file()
+
+
 def checkpoint_reserve(model: nn.Module, tc: TrainConfig) -> int:
     """Disk bytes a run's checkpoints need at once: weights, EMA and AdamW's two moments (4x the
     parameters) per copy; copies: the kept ones (checkpoint-last.pt is a link to the newest), the best
@@ -287,7 +302,8 @@ def checkpoint_reserve(model: nn.Module, tc: TrainConfig) -> int:
 
 
 def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
-    """Train (or resume) the recipe ``cfg`` in ``run_dir``. Returns a summary dict (``model``: the trained module).
+    """Train (or resume) the recipe ``cfg`` in ``run_dir``. Returns a summary dict (``model``: the trained module;
+    ``complete``, without a model, when the run had finished already).
 
     Under torchrun (see ``sandbox.distributed.session``) every rank runs this function: the model is
     wrapped in DistributedDataParallel, each rank takes its slices of every global batch, and rank 0
@@ -309,6 +325,12 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         check_compiler(device)  # before the run directory is written
     # rank 0 logs; fails early when tensorboard is not installed
     tb = TensorBoardLogger(run.root / "tensorboard") if tc.tensorboard and main else None
+    ckpt = run.load_latest(map_location=device)
+    if ckpt is not None and finished(run, ckpt, tc.steps):  # nothing to do: leave the run as it is
+        if main:
+            print(f"{run.root} is complete: step {ckpt['step']} of {tc.steps} ({run.loaded_path.name}); "
+                  "raise --train.steps to train it longer")
+        return {"step": int(ckpt["step"]), "run_dir": str(run.root), "complete": True}
     exp = build(cfg)
     exp.model.head_fp32 = tc.head_fp32
     # can the data fill a global batch? (before any write)
@@ -329,7 +351,6 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     generator = torch.Generator(device).manual_seed(cfg.seed)  # reseeded per micro-batch (seed_micro_batch)
 
     step, guard, best = 0, NonFiniteGuard(tc.max_nonfinite_steps), BestMetric(tc.best_metric)
-    ckpt = run.load_latest(map_location=device)
     if ckpt is not None:
         stored_batch = ckpt.get("global_batch")
         if stored_batch is not None and stored_batch != global_batch:
@@ -349,11 +370,6 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         if "guards" in ckpt:
             guard.load_state_dict(ckpt["guards"]["nonfinite"])
             best.load_state_dict(ckpt["guards"]["best"])
-        if step >= tc.steps:  # nothing to train: leave the run as it is
-            if main:
-                print(f"{run.root} is complete: step {step} of {tc.steps} ({run.loaded_path.name}); "
-                      "raise --train.steps to train it longer")
-            return {"step": step, "run_dir": str(run.root), "complete": True, "model": core}
         if main:
             run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
             print(f"resuming {run.root} from step {step} ({run.loaded_path.name})")
@@ -387,7 +403,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
             "model": core.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "skipped": guard.total, "rng": rng_state(generator),
             "guards": {"nonfinite": guard.state_dict(), "best": best.state_dict()},
-            "global_batch": global_batch, "world_size": dist_info.world_size,
+            "global_batch": global_batch, "world_size": dist_info.world_size, "ended": why == "end",
             "recipe": recipe, "meta": exp.meta, "version": __version__,
         }, step, tc.keep_checkpoints, best=is_best)
 
@@ -405,7 +421,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
         return path
 
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    data = batches(exp.dataset, tc, cfg.seed, step, device, dist_info)
+    data = batches(exp.dataset, tc, cfg.seed, step, device, dist_info, labelled=True)
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     model.train()
@@ -457,7 +473,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 checkpoint()
             if main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-                sample_grid(f"step_{step:07d}")
+                sample_grid(grid_name(step))
         bar.close()
         checkpoint("signal" if stopping else "end")
         curve = None
@@ -474,7 +490,7 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     summary = {"step": step, "run_dir": str(run.root), "final_loss": last.get("loss"), "model": core,
                "loss_curve": str(curve) if curve else None}
     if main:
-        grid = sample_grid(f"step_{step:07d}")
+        grid = sample_grid(grid_name(step))
         (run.samples_dir / "final.png").write_bytes(grid.read_bytes())
         summary["grid"] = str(grid)
     if tb is not None:

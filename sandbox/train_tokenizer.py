@@ -279,7 +279,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train-tokenizer", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     vae.train()
-    with _StopRequested() as stop:
+    with _StopRequested() as stop, bar:  # the bar ends its line before an error is printed
         while step < tc.steps and stop.signal is None:
             lr = lr_at(step, tc, peak_lr)
             for group in opt.param_groups:
@@ -320,7 +320,6 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             step += 1
             bar.update(1)
             if guard.diverged():
-                bar.close()
                 raise guard.stop(step, run.last if run.last.exists() else None)
 
             if step % tc.log_every == 0 or step == tc.steps:

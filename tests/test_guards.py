@@ -56,7 +56,7 @@ CASES = {
         class Broken(Head):
             def loss(self, target, cond, generator=None):
                 return target.sum(1)
-        """, {"head": HEAD}, ["head Broken (file ", "does not implement sample(); a head implements loss and sample"],
+        """, {"head": BUILT}, ["head Broken (file ", "does not implement sample(); a head implements loss and sample"],
         True),
     "head loss without the generator argument": ("""
         from plugins.heads.flow import FlowHead
@@ -69,7 +69,7 @@ CASES = {
         class Broken(RandomOrdering):
             def __init__(self, ratio: float = 0.5):
                 super().__init__((4, 4))  # the grid of 8 px images in 2 x 2 patches
-        """, {"ordering": ORDERING}, ["ordering Broken", "so __init__ must take grid first, without defaults"], True),
+        """, {"ordering": ORDERING}, ["ordering Broken", "so __init__ must take grid first"], True),
     "head constructor refusing a setting": ("""
         from plugins.heads.flow import FlowHead
         class Broken(FlowHead):
@@ -151,3 +151,33 @@ def test_a_broken_plugin_is_one_error_line(train, tmp_path, case):
     for ckpt in tmp_path.glob("run/checkpoints/*.pt"):  # a sampling break shows after the last checkpoint: whole
         assert "model" in torch.load(ckpt, map_location="cpu", weights_only=False)
     assert not list(tmp_path.glob("run/checkpoints/.*.tmp*"))  # never a half-written one
+
+
+def test_valid_signatures_pass_the_class_check():
+    """Keyword-only or **kwargs arguments, defaults on the injected arguments (named as the core names them),
+    *args: all callable the way the core calls them."""
+    from plugins.heads.flow import FlowHead
+    from plugins.orderings.random import RandomOrdering
+    from plugins.tokenizers.pixels import PixelTokenizer
+    from sandbox.guards import check_class
+    from sandbox.kinds import Head, Ordering, Tokenizer
+
+    class KeywordOnly(PixelTokenizer):
+        def encode(self, images, generator=None, *, sample=True):
+            return super().encode(images, generator, sample=sample)
+
+    class Kwargs(PixelTokenizer):
+        def encode(self, images, generator=None, **kwargs):
+            return super().encode(images, generator, **kwargs)
+
+    class Defaults(FlowHead):
+        def __init__(self, token_dim=12, cond_dim=32, width=16):
+            super().__init__(token_dim, cond_dim, width=width)
+
+    class Star(RandomOrdering):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    for kind, cls, base in (("tokenizer", KeywordOnly, Tokenizer), ("tokenizer", Kwargs, Tokenizer),
+                            ("head", Defaults, Head), ("ordering", Star, Ordering)):
+        check_class(kind, cls, base)

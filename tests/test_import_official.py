@@ -56,7 +56,7 @@ def test_import_then_sample(released, tmp_path, capsys):
     assert recipe["head"]["init_args"]["depth"] == mar["config"]["diffloss_d"]
     assert recipe["tokenizer"]["init_args"]["base_channels"] == 32 and ckpt["meta"]["image_size"] == 128
     assert ckpt["step"] == recipe["train"]["steps"]  # epoch 399 of 400: complete
-    assert main(["sample", "--run_dir", str(run), "--num_images", "2", "--num_iter", "2", "--labels", "3",
+    assert main(["sample", "--run_dir", str(run), "--num_images", "2", "--num_iter", "2", "--labels", "[3]",
                  "--out", str(tmp_path / "s.npz"), "--progress", "false"]) == 0
     out = np.load(tmp_path / "s.npz")
     assert out["images"].shape == (2, 128, 128, 3) and out["labels"].tolist() == [3, 3]

@@ -84,6 +84,20 @@ def test_a_complete_run_is_reported_and_left_as_it_is(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
 
 
+def test_a_run_without_its_end_work_does_it_when_rerun(tmp_path):
+    from sandbox.train import finished
+
+    train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
+    run = RunDir(tmp_path / "run")
+    ckpt = run.load_latest()
+    assert finished(run, ckpt, 2) and not finished(run, {**ckpt, "ended": False}, 2)  # stopped by a signal
+    assert not finished(run, ckpt, 3)
+    (run.samples_dir / "step_0000002.png").unlink()  # the final grid failed (say, a plugin's sampler)
+    summary = train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
+    assert "complete" not in summary and (run.samples_dir / "step_0000002.png").is_file()
+    assert finished(run, run.load_latest(), 2)
+
+
 def test_a_run_directory_recipe_continues_that_run(tmp_path, monkeypatch):
     from sandbox.commands.train import default_run_dir
 

@@ -77,7 +77,10 @@ def _run(cfg: Namespace) -> None:
     if cfg.run_dir is None and not inception:
         raise UserError("nothing to score without a run: pass --ref REF (FID, IS, precision/recall) or --inception true (IS)")
     ref = read_image_set(cfg.ref) if cfg.ref else None  # a bad reference fails before any sampling
-    extractor = _feature_extractor(cfg) if inception else None  # and so do missing Inception weights
+    if inception:  # and so do missing Inception weights (the network itself loads after sampling, on rank 0)
+        from sandbox.fidelity import check_feature_extractor
+
+        check_feature_extractor(cfg.feature_extractor, cfg.inception_weights)
     given = read_image_set(cfg.images) if cfg.images else None
     if given is not None and given.count == 0:
         raise UserError(f"{cfg.images} holds no images")
@@ -139,7 +142,7 @@ def _run(cfg: Namespace) -> None:
     if inception:
         bs = cfg.fidelity_batch_size
         batches = (images[i : i + bs] for i in range(0, len(images), bs)) if images is not None else given.batches(bs)
-        result.update(_inception_metrics(cfg, extractor, batches, ref))
+        result.update(_inception_metrics(cfg, batches, ref))
     text = json.dumps(result, indent=2)
     print(text)
     out = cfg.json or (run_root / "eval.json" if run_root is not None else None)
@@ -156,19 +159,13 @@ def _num_images(cfg: Namespace) -> int:
     return n
 
 
-def _feature_extractor(cfg: Namespace):
-    from sandbox.fidelity import load_feature_extractor
-    from sandbox.train import resolve_device
-
-    return load_feature_extractor(cfg.feature_extractor, cfg.inception_weights, resolve_device(cfg.device))
-
-
-def _inception_metrics(cfg: Namespace, extractor, batches, ref) -> dict:
+def _inception_metrics(cfg: Namespace, batches, ref) -> dict:
     """IS of the images (uint8 batches), and FID / precision-recall against ``ref`` when given."""
-    from sandbox.fidelity import extract_features, fidelity_scores, reference_features
+    from sandbox.fidelity import extract_features, fidelity_scores, load_feature_extractor, reference_features
     from sandbox.train import resolve_device
 
     device = resolve_device(cfg.device)
+    extractor = load_feature_extractor(cfg.feature_extractor, cfg.inception_weights, device)
     feats = extract_features(extractor, batches, device)
     ref_feats = None
     if ref is not None:

@@ -20,8 +20,9 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> 
     else:
         p.add_argument("--run_dir", type=str | None, default=None, help="A run directory written by `sandbox train`.")
     p.add_argument("--num_images", type=int, default=64, help="How many images.")
-    p.add_argument("--labels", type=int, nargs="+", default=None,
-                   help="Class of each image, cycled (--labels 3 7); default: class-balanced 0,1,...,K-1,0,...")
+    p.add_argument("--labels", type=list[int] | None, default=None,
+                   help="Class of each image, cycled, as a list: --labels '[3, 7]'; default: class-balanced "
+                        "0,1,...,K-1,0,...")
     p.add_argument("--num_iter", type=int | None, default=None, help="Sampling steps (default: the recipe's).")
     p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's).")
     p.add_argument("--cfg_schedule", type=str | None, default=None, help="linear or constant (default: the recipe's).")

@@ -27,8 +27,11 @@ def default_run_dir(cfg: Namespace) -> str:
     configs = cfg.get("config") or []
     if not configs:
         return os.path.join("runs", "run")
+    from sandbox.checkpoint import RunDir
+
     last = Path(str(configs[-1]))
-    if last.name == "recipe.yaml" and (last.parent / "checkpoints").is_dir():
+    run = RunDir(last.parent)
+    if last.name == run.recipe_path.name and (run.last.is_file() or run.checkpoints()):
         return str(last.parent)
     return os.path.join("runs", last.stem)
 
