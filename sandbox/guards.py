@@ -69,12 +69,12 @@ def check_class(kind: str, cls: type, base: type) -> None:
             raise broken(cls, kind, f"does not implement {name}(); {with_article(kind)} implements "
                                     f"{' and '.join(REQUIRED[kind])}")
         if not _accepts(mine, positional, keywords):
-            raise broken(cls, kind, f"defines {_plain(mine)}, but the core calls it as "
-                                    f"{base.__name__}.{_plain(getattr(base, name))} takes it")
+            raise broken(cls, kind, f"defines {_plain(mine)}, which cannot take the core's call; keep the "
+                                    f"arguments of {base.__name__}.{_plain(getattr(base, name))}")
     n = INJECTED_ARGS[kind]
     if n:
         injected = list(inspect.signature(base.__init__).parameters)[1 : 1 + n]
-        params = [p for p in inspect.signature(cls.__init__).parameters.values()][1:]
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
         # the core passes them positionally: a first argument of another name with a default (say
         # `ratio=0.5`) would silently receive the grid
         takes_them = _accepts(cls.__init__, n) and all(
@@ -97,8 +97,9 @@ def shape_of(x) -> str:
 def check_split(ordering, split, seq: Tensor) -> None:
     """``training_split(seq (B, L, C))`` gave inputs (B, L, C), visible (B, L) bool and weight (B, L)."""
     B, L, C = seq.shape
-    for what, x, shape, dtype in (("inputs", split.inputs, (B, L, C), None), ("visible", split.visible, (B, L), torch.bool),
-                                  ("weight", split.weight, (B, L), None)):
+    expected = (("inputs", split.inputs, (B, L, C), None), ("visible", split.visible, (B, L), torch.bool),
+                ("weight", split.weight, (B, L), None))
+    for what, x, shape, dtype in expected:
         if not isinstance(x, Tensor) or tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
             raise broken(ordering, "ordering", f"training_split gave {what} {shape_of(x)}"
                                                f"{'' if not isinstance(x, Tensor) else ' ' + str(x.dtype)}; "
@@ -144,7 +145,7 @@ def check_step(ordering, step, batch: int, length: int) -> None:
 
 def check_plan_covered(ordering, times: Tensor) -> None:
     """After sampling: ``times`` (B, L), how often each position was predicted, is 1 everywhere (one sync)."""
-    never, twice = int((times == 0).sum()), int((times > 1).sum())
+    never, twice = torch.stack([(times == 0).sum(), (times > 1).sum()]).tolist()
     if never or twice:
         raise broken(ordering, "ordering", f"sampling_plan left {never} (image, position) pairs never predicted "
                                            f"and predicted {twice} more than once; a plan predicts every "

@@ -63,7 +63,8 @@ CASES = {
         class Broken(FlowHead):
             def loss(self, target, cond):
                 return super().loss(target, cond)
-        """, {"head": HEAD}, ["defines loss(self, target, cond), but the core calls it as Head.loss(self, target"], True),
+        """, {"head": HEAD}, ["defines loss(self, target, cond), which cannot take the core's call; keep the "
+                              "arguments of Head.loss(self, target"], True),
     "ordering whose __init__ forgets the grid": ("""
         from plugins.orderings.random import RandomOrdering
         class Broken(RandomOrdering):
@@ -83,8 +84,8 @@ CASES = {
         class Broken(FlowHead):
             def __init__(self, token_dim, cond_dim):
                 self.net = torch.nn.Linear(cond_dim, token_dim)
-        """, {"head": BUILT}, ["cannot build head Broken: AttributeError: cannot assign module before Module.__init__()",
-                              "(broken.py:7)"], True),
+        """, {"head": BUILT}, ["cannot build head Broken: AttributeError: cannot assign module before "
+                               "Module.__init__()", "(broken.py:7)"], True),
     "sampling plan that never predicts half the positions": ("""
         from plugins.orderings.random import RandomOrdering
         class Broken(RandomOrdering):
