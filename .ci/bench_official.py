@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from contextlib import nullcontext
 from functools import partial
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sandbox.commands.bench import PeakMemory  # noqa: E402  (the same peak-memory reading as sandbox bench)
+from sandbox.commands.bench import PeakMemory, time_sampling, time_training  # noqa: E402  (sandbox bench's protocol)
 from sandbox.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
 
 
@@ -81,10 +80,6 @@ def main() -> None:
            "config": {"official": a.official_config, "batch_size": a.batch_size, "num_iter": a.num_iter,
                       "num_sampling_steps": a.num_sampling_steps, "cfg": a.cfg}}
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     memory = PeakMemory(device)
     if a.batch_size and a.steps:
         model.train()
@@ -95,27 +90,11 @@ def main() -> None:
         x = torch.randn(a.batch_size, model.vae_embed_dim, side, side, device=device)
         y = torch.randint(0, conf.get("class_num", 1000), (a.batch_size,), device=device)
 
-        def step():
+        def loss():
             with amp:
-                loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+                return model(x, y)
 
-        memory.reset()
-        for _ in range(a.warmup):
-            step()
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(a.steps):
-            loss = step().detach()
-        sync()
-        ms = 1000 * (time.perf_counter() - t0) / a.steps
-        res["train"] = {"ms_per_step": round(ms, 2), "images_per_s": round(a.batch_size * 1000 / ms, 2),
-                        "peak_memory_mb": round(memory.peak_mb(), 1), "final_loss": float(loss),
-                        "cpu_ms_per_step": round(1000 * (time.process_time() - c0) / a.steps, 2)}
+        res["train"] = time_training(loss, model, opt, a.batch_size, a.warmup, a.steps, memory, device)
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -123,19 +102,14 @@ def main() -> None:
         model.eval()
         labels = torch.arange(a.sample_batch_size, device=device) % conf.get("class_num", 1000)
         kw = dict(num_iter=a.num_iter, cfg=a.cfg, cfg_schedule="linear", temperature=a.temperature)
-        memory.reset()
-        with torch.no_grad(), amp:
-            if a.warmup > 0:
-                model.sample_tokens(2, labels=labels[:2], **{**kw, "num_iter": 2})
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(a.sample_batches):
-                model.sample_tokens(a.sample_batch_size, labels=labels, **kw)
-            sync()
-        s = (time.perf_counter() - t0) / a.sample_batches
-        res["sample"] = {"seconds": round(s, 3), "images_per_s": round(a.sample_batch_size / s, 2),
-                         "peak_memory_mb": round(memory.peak_mb(), 1),
-                         "cpu_seconds": round((time.process_time() - c0) / a.sample_batches, 3)}
+
+        def sample(n: int, num_iter: int):
+            with torch.no_grad(), amp:
+                model.sample_tokens(n, labels=labels[:n], **{**kw, "num_iter": num_iter})
+
+        res["sample"] = time_sampling(lambda: sample(a.sample_batch_size, a.num_iter), a.sample_batch_size,
+                                      a.sample_batches, (lambda: sample(2, 2)) if a.warmup > 0 else None, memory,
+                                      device)
     print(json.dumps(res, indent=2))
 
 

@@ -118,6 +118,59 @@ def _sync(device) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# The protocol (shared with .ci/bench_official.py, so the two implementations are timed alike)
+# --------------------------------------------------------------------------------------
+def time_training(loss_fn, model, opt, batch_size: int, warmup: int, steps: int, memory: PeakMemory,
+                  device) -> dict:
+    """``warmup`` untimed, then ``steps`` timed optimizer steps of ``loss_fn()`` (forward, under the caller's
+    autocast) -> backward -> gradient clipping at 3.0 (the official max norm) -> ``opt`` step."""
+    import torch
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    memory.reset()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    ms = 1000 * seconds / steps
+    return {"ms_per_step": round(ms, 2), "images_per_s": round(batch_size * 1000 / ms, 2),
+            "peak_memory_mb": round(memory.peak_mb(), 1),
+            "final_loss": float(loss) if math.isfinite(float(loss)) else None,
+            "cpu_ms_per_step": round(1000 * cpu / steps, 2)}
+
+
+def time_sampling(sample_fn, batch_size: int, batches: int, warmup_fn, memory: PeakMemory, device) -> dict:
+    """``warmup_fn()`` untimed when given (one-time work: compiling, cached embeddings, the allocator), then
+    ``batches`` timed calls of ``sample_fn()``, each ``batch_size`` images."""
+    memory.reset()
+    t0 = time.perf_counter()
+    if warmup_fn is not None:
+        warmup_fn()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - t0  # what one-time work cost (with --compile: mostly compiling)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        sample_fn()
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / batches
+    cpu = (time.process_time() - c0) / batches
+    return {"seconds": round(seconds, 3), "images_per_s": round(batch_size / seconds, 2),
+            "peak_memory_mb": round(memory.peak_mb(), 1), "cpu_seconds": round(cpu, 3),
+            "warmup_seconds": round(warmup_seconds, 3)}
+
+
+# --------------------------------------------------------------------------------------
 # What to benchmark
 # --------------------------------------------------------------------------------------
 def _official_parts(cfg: Namespace, device):
@@ -239,32 +292,13 @@ def run(cfg: Namespace) -> None:
         opt = make_adamw(model, 0.02, 1e-4, (0.9, 0.95))  # the trainer's optimizer
         seq = torch.randn(cfg.batch_size, L, C, device=device, generator=gen)  # (B, L, C) stand-in tokens
         labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device, generator=gen)
-        losses = []
 
-        def step():
+        def loss():
             split = ordering.training_split(seq, gen)
             with amp:
-                loss = model(seq, split, labels, gen)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+                return model(seq, split, labels, gen)
 
-        memory.reset()
-        for _ in range(cfg.warmup):
-            step()
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(cfg.steps):
-            losses.append(step().detach())
-        _sync(device)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        ms = 1000 * seconds / cfg.steps
-        result["train"] = {"ms_per_step": round(ms, 2), "images_per_s": round(cfg.batch_size * 1000 / ms, 2),
-                           "peak_memory_mb": round(memory.peak_mb(), 1),
-                           "final_loss": float(losses[-1]) if math.isfinite(float(losses[-1])) else None,
-                           "cpu_ms_per_step": round(1000 * cpu / cfg.steps, 2)}
+        result["train"] = time_training(loss, model, opt, cfg.batch_size, cfg.warmup, cfg.steps, memory, device)
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -274,22 +308,15 @@ def run(cfg: Namespace) -> None:
         labels = balanced_labels(cfg.sample_batch_size, num_classes, device)
         kwargs = dict(num_iter=num_iter, cfg=guidance, cfg_schedule=cfg_schedule, temperature=temperature,
                       autocast_dtype=amp_dtype)
-        memory.reset()
-        t0 = time.perf_counter()
-        if cfg.warmup > 0 or use_compile_sampling or use_compile:  # untimed: one-time work (compile, cached step embeddings, allocator)
-            sample_tokens(model, ordering, C, labels[:2], generator=gen, **{**kwargs, "num_iter": 2})
-        _sync(device)
-        warmup_seconds = time.perf_counter() - t0  # what one-time work cost (with --compile: mostly compiling)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(cfg.sample_batches):
-            sample_tokens(model, ordering, C, labels, generator=gen, **kwargs)
-        _sync(device)
-        seconds = (time.perf_counter() - t0) / cfg.sample_batches
-        cpu = (time.process_time() - c0) / cfg.sample_batches
-        result["sample"] = {"seconds": round(seconds, 3),
-                            "images_per_s": round(cfg.sample_batch_size / seconds, 2),
-                            "peak_memory_mb": round(memory.peak_mb(), 1), "cpu_seconds": round(cpu, 3),
-                            "warmup_seconds": round(warmup_seconds, 3)}
+
+        def sample(n: int, num_iter: int):
+            sample_tokens(model, ordering, C, labels[:n], generator=gen, **{**kwargs, "num_iter": num_iter})
+
+        # an untimed first call for one-time work: compiling, cached step embeddings, the allocator
+        warmup = cfg.warmup > 0 or use_compile_sampling or use_compile
+        result["sample"] = time_sampling(lambda: sample(cfg.sample_batch_size, num_iter), cfg.sample_batch_size,
+                                         cfg.sample_batches, (lambda: sample(2, 2)) if warmup else None, memory,
+                                         device)
 
     text = json.dumps(result, indent=2, default=str)
     print(text)
