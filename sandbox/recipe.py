@@ -201,7 +201,8 @@ def instantiate(cfg: Namespace, key: str, *injected):
     single.add_argument(f"--{key}", type=SLOT_TYPES[key])
     sub = Namespace()
     sub[key] = cfg[key].clone() if isinstance(cfg[key], Namespace) else cfg[key]
-    if key in _SLOT_KIND and isinstance(cfg[key], Namespace) and "class_path" in cfg[key]:
+    named = isinstance(cfg[key], Namespace) and "class_path" in cfg[key]  # a plugin slot's class
+    if named and key in _SLOT_KIND:
         kind = _SLOT_KIND[key]
         check_class(kind, _resolve(cfg[key].class_path), KINDS[kind])  # callable the way the core calls it
     try:
@@ -210,7 +211,6 @@ def instantiate(cfg: Namespace, key: str, *injected):
     except UserError:
         raise
     except Exception as e:  # a plugin's constructor refusing its settings (or failing): one line that says where
-        named = isinstance(cfg[key], Namespace) and "class_path" in cfg[key]
         what = f"{key} {cfg[key].class_path.rsplit('.', 1)[-1]}" if named else None
         if not isinstance(e, (TypeError, ValueError, OSError)):
             if what is None:

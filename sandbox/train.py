@@ -498,12 +498,13 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     return summary
 
 
-def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", head_args: dict | None = None
-             ) -> tuple[Experiment, nn.Module, dict]:
+def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", head_args: dict | None = None,
+             compile: bool = False) -> tuple[Experiment, nn.Module, dict]:
     """Rebuild a run's parts from its last checkpoint alone. Returns (experiment, model to sample, checkpoint).
 
     ``head_args`` overrides the head's init_args (sampling options such as a head's sampler or step count);
-    the overridden recipe is type-checked like any recipe and must still fit the checkpoint.
+    the overridden recipe is type-checked like any recipe and must still fit the checkpoint. ``compile``: the
+    head samples through ``torch.compile`` (``sandbox.model.compile_sampling``).
     """
     run = RunDir(run_dir).require()
     ckpt = run.load_latest()
@@ -530,4 +531,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", he
     dev = distributed.local_device(resolve_device(device))
     exp.model.to(dev).eval()
     exp.tokenizer.to(dev)
+    if compile:
+        from sandbox.model import compile_sampling
+
+        compile_sampling(exp.model)
     return exp, exp.model, ckpt

@@ -92,11 +92,8 @@ def _run(cfg: Namespace) -> None:
         from sandbox.recipe import instantiate
         from sandbox.train import autocast_dtype, load_run
 
-        exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
-        if cfg.compile:
-            from sandbox.model import compile_sampling
-
-            compile_sampling(model)
+        exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args,
+                                    compile=cfg.compile)
         run_root = Path(cfg.run_dir)
         scorer = instantiate(exp.cfg, "data").scorer()
         if scorer is None and not inception:

@@ -73,11 +73,8 @@ def _sample_from_run(cfg: Namespace, on_step=None):
 
     if cfg.num_images < 1:
         raise UserError("--num_images must be >= 1")
-    exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args)
-    if cfg.compile:
-        from sandbox.model import compile_sampling
-
-        compile_sampling(model)
+    exp, model, ckpt = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args,
+                                compile=cfg.compile)
     sc = instantiate(exp.cfg, "sample")
     if cfg.labels:
         bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
