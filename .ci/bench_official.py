@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sandbox.commands.bench import PeakMemory, time_sampling, time_training  # noqa: E402  (sandbox bench's protocol)
+from sandbox.commands.bench import PeakMemory, profile_ops, time_sampling, time_training, train_step  # noqa: E402  (sandbox bench's protocol)
 from sandbox.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
 
 
@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--norm_eps", type=float, default=1e-6, help="LayerNorm eps (1e-6: the released factories).")
+    ap.add_argument("--profile", default=None, help="Write torch.profiler operator tables here (as sandbox bench).")
+    ap.add_argument("--profile_steps", type=int, default=3)
     return ap
 
 
@@ -81,6 +83,7 @@ def main() -> None:
                       "num_sampling_steps": a.num_sampling_steps, "cfg": a.cfg}}
 
     memory = PeakMemory(device)
+    profiles = []
     if a.batch_size and a.steps:
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
@@ -95,6 +98,9 @@ def main() -> None:
                 return model(x, y)
 
         res["train"] = time_training(loss, model, opt, a.batch_size, a.warmup, a.steps, memory, device)
+        if a.profile:
+            profiles.append(profile_ops(lambda: train_step(loss, model, opt), a.profile_steps, device,
+                                        f"official training, batch {a.batch_size}"))
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -110,7 +116,13 @@ def main() -> None:
         res["sample"] = time_sampling(lambda: sample(a.sample_batch_size, a.num_iter), a.sample_batch_size,
                                       a.sample_batches, (lambda: sample(2, 2)) if a.warmup > 0 else None, memory,
                                       device)
+        if a.profile:
+            profiles.append(profile_ops(lambda: sample(a.sample_batch_size, a.num_iter), 1, device,
+                                        f"official sampling, batch {a.sample_batch_size}"))
     print(json.dumps(res, indent=2))
+    if a.profile:
+        with open(a.profile, "w") as f:
+            f.write("\n".join(profiles))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,18 @@ def test_bench_prints_json_with_every_field(tmp_path, capsys):
     assert c["compile"] is False and c["compile_sampling"] is False
 
 
+def test_bench_profile_writes_an_operator_table_per_phase(tmp_path, capsys):
+    recipe = recipe_file(tmp_path / "tiny.yaml")
+    table = tmp_path / "profile.txt"
+    code = main(["bench", "--recipe", str(recipe), "--batch_size", "4", "--steps", "1", "--warmup", "0",
+                 "--sample_batch_size", "2", "--num_iter", "2", "--num_sampling_steps", "2",
+                 "--profile", str(table), "--profile_steps", "2"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["train"]["ms_per_step"] > 0
+    text = table.read_text()
+    assert "== training, batch 4: 2 call(s)" in text and "== sampling, batch 2: 1 call(s)" in text
+    assert "aten::addmm" in text and "Self CPU time total" in text
+
+
 def test_gpu_check_script_uses_options_that_exist():
     """.ci/gpu_check runs only on a GPU machine: check here that it parses and that every option it passes
     exists (an option renamed in a command would otherwise surface only in a scarce GPU session)."""

@@ -67,6 +67,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--attention", type=str | None, default=None, help="sdpa or xformers (default: the recipe's).")
     p.add_argument("--seed", type=int, default=0, help="Fixes the random weights and inputs.")
     p.add_argument("--json", type=str | None, default=None, help="Also write the result to this file.")
+    p.add_argument("--profile", type=str | None, default=None,
+                   help="After timing, run --profile_steps more training steps and one sampling call under "
+                        "torch.profiler and write its table of operators (most device time first) to this file.")
+    p.add_argument("--profile_steps", type=int, default=3, help="Training steps under the profiler.")
     return p
 
 
@@ -120,19 +124,24 @@ def _sync(device) -> None:
 # --------------------------------------------------------------------------------------
 # The protocol (shared with .ci/bench_official.py, so the two implementations are timed alike)
 # --------------------------------------------------------------------------------------
-def time_training(loss_fn, model, opt, batch_size: int, warmup: int, steps: int, memory: PeakMemory,
-                  device) -> dict:
-    """``warmup`` untimed, then ``steps`` timed optimizer steps of ``loss_fn()`` (forward, under the caller's
-    autocast) -> backward -> gradient clipping at 3.0 (the official max norm) -> ``opt`` step."""
+def train_step(loss_fn, model, opt):
+    """One timed training step: ``loss_fn()`` (forward, under the caller's autocast) -> backward -> gradient
+    clipping at 3.0 (the official max norm) -> ``opt`` step; the detached loss."""
     import torch
 
+    loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_training(loss_fn, model, opt, batch_size: int, warmup: int, steps: int, memory: PeakMemory,
+                  device) -> dict:
+    """``warmup`` untimed, then ``steps`` timed ``train_step``s."""
     def step():
-        loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return train_step(loss_fn, model, opt)
 
     memory.reset()
     for _ in range(warmup):
@@ -168,6 +177,28 @@ def time_sampling(sample_fn, batch_size: int, batches: int, warmup_fn, memory: P
     return {"seconds": round(seconds, 3), "images_per_s": round(batch_size / seconds, 2),
             "peak_memory_mb": round(memory.peak_mb(), 1), "cpu_seconds": round(cpu, 3),
             "warmup_seconds": round(warmup_seconds, 3)}
+
+
+def profile_ops(fn, repeat: int, device, title: str, rows: int = 40) -> str:
+    """``fn()`` ``repeat`` times under ``torch.profiler``: its operator table, most self device time first
+    (self CPU time on the CPU), headed by ``title`` and the wall time the profiled calls took."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    # kineto's own log lines (a "gpuGetDeviceCount failed" ERROR on a machine without a GPU) are not ours to show
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(repeat):
+            fn()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows, max_name_column_width=60)
+    return f"== {title}: {repeat} call(s), {wall * 1000:.1f} ms under the profiler ({torch.__version__})\n{table}\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -286,6 +317,8 @@ def run(cfg: Namespace) -> None:
         "memory_kind": memory.kind,
     }
 
+    profiles = []  # --profile: one operator table per phase
+
     # ----- training -----
     if cfg.batch_size > 0 and cfg.steps > 0:
         model.train()
@@ -299,6 +332,9 @@ def run(cfg: Namespace) -> None:
                 return model(seq, split, labels, gen)
 
         result["train"] = time_training(loss, model, opt, cfg.batch_size, cfg.warmup, cfg.steps, memory, device)
+        if cfg.profile:
+            profiles.append(profile_ops(lambda: train_step(loss, model, opt), cfg.profile_steps, device,
+                                        f"training, batch {cfg.batch_size}"))
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -317,6 +353,9 @@ def run(cfg: Namespace) -> None:
         result["sample"] = time_sampling(lambda: sample(cfg.sample_batch_size, num_iter), cfg.sample_batch_size,
                                          cfg.sample_batches, (lambda: sample(2, 2)) if warmup else None, memory,
                                          device)
+        if cfg.profile:
+            profiles.append(profile_ops(lambda: sample(cfg.sample_batch_size, num_iter), 1, device,
+                                        f"sampling, batch {cfg.sample_batch_size}"))
 
     text = json.dumps(result, indent=2, default=str)
     print(text)
@@ -324,3 +363,7 @@ def run(cfg: Namespace) -> None:
         from sandbox.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(cfg.json), text.encode())
+    if cfg.profile:
+        from sandbox.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(cfg.profile), "\n".join(profiles).encode())
