@@ -140,16 +140,13 @@ def train_step(loss_fn, model, opt):
 def time_training(loss_fn, model, opt, batch_size: int, warmup: int, steps: int, memory: PeakMemory,
                   device) -> dict:
     """``warmup`` untimed, then ``steps`` timed ``train_step``s."""
-    def step():
-        return train_step(loss_fn, model, opt)
-
     memory.reset()
     for _ in range(warmup):
-        step()
+        train_step(loss_fn, model, opt)
     _sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        loss = step()
+        loss = train_step(loss_fn, model, opt)
     _sync(device)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ms = 1000 * seconds / steps
@@ -261,7 +258,7 @@ def run(cfg: Namespace) -> None:
 
     if (cfg.recipe is None) == (cfg.official_config is None):
         raise UserError("give exactly one of --recipe RECIPE.yaml and --official_config FILE.pt")
-    for name in ("batch_size", "steps", "warmup", "sample_batch_size", "sample_batches"):
+    for name in ("batch_size", "steps", "warmup", "sample_batch_size", "sample_batches", "profile_steps"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0")
     device = resolve_device(cfg.device)
