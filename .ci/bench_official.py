@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sandbox.commands.bench import PeakMemory, profile_ops, time_sampling, time_training, train_step  # noqa: E402  (sandbox bench's protocol)
+from sandbox.commands.bench import PeakMemory, time_sampling, time_training, write_profiles  # noqa: E402  (the protocol)
 from sandbox.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
 
 
@@ -83,7 +83,7 @@ def main() -> None:
                       "num_sampling_steps": a.num_sampling_steps, "cfg": a.cfg}}
 
     memory = PeakMemory(device)
-    profiles = []
+    profiles = [] if a.profile else None  # --profile: one operator table per phase
     if a.batch_size and a.steps:
         model.train()
         decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
@@ -97,10 +97,8 @@ def main() -> None:
             with amp:
                 return model(x, y)
 
-        res["train"] = time_training(loss, model, opt, a.batch_size, a.warmup, a.steps, memory, device)
-        if a.profile:
-            profiles.append(profile_ops(lambda: train_step(loss, model, opt), a.profile_steps, device,
-                                        f"official training, batch {a.batch_size}"))
+        res["train"] = time_training(loss, model, opt, a.batch_size, a.warmup, a.steps, memory, device, profiles,
+                                     a.profile_steps, "official training")
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -115,14 +113,10 @@ def main() -> None:
 
         res["sample"] = time_sampling(lambda: sample(a.sample_batch_size, a.num_iter), a.sample_batch_size,
                                       a.sample_batches, (lambda: sample(2, 2)) if a.warmup > 0 else None, memory,
-                                      device)
-        if a.profile:
-            profiles.append(profile_ops(lambda: sample(a.sample_batch_size, a.num_iter), 1, device,
-                                        f"official sampling, batch {a.sample_batch_size}"))
+                                      device, profiles, "official sampling")
     print(json.dumps(res, indent=2))
     if a.profile:
-        with open(a.profile, "w") as f:
-            f.write("\n".join(profiles))
+        write_profiles(a.profile, profiles)
 
 
 if __name__ == "__main__":

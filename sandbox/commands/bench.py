@@ -138,8 +138,10 @@ def train_step(loss_fn, model, opt):
 
 
 def time_training(loss_fn, model, opt, batch_size: int, warmup: int, steps: int, memory: PeakMemory,
-                  device) -> dict:
-    """``warmup`` untimed, then ``steps`` timed ``train_step``s."""
+                  device, profiles: list[str] | None = None, profile_steps: int = 3, label: str = "training"
+                  ) -> dict:
+    """``warmup`` untimed, then ``steps`` timed ``train_step``s. With a ``profiles`` list, then
+    ``profile_steps`` more under the profiler, whose table (``profile_ops``) is appended to it."""
     memory.reset()
     for _ in range(warmup):
         train_step(loss_fn, model, opt)
@@ -150,15 +152,21 @@ def time_training(loss_fn, model, opt, batch_size: int, warmup: int, steps: int,
     _sync(device)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     ms = 1000 * seconds / steps
-    return {"ms_per_step": round(ms, 2), "images_per_s": round(batch_size * 1000 / ms, 2),
-            "peak_memory_mb": round(memory.peak_mb(), 1),
-            "final_loss": float(loss) if math.isfinite(float(loss)) else None,
-            "cpu_ms_per_step": round(1000 * cpu / steps, 2)}
+    result = {"ms_per_step": round(ms, 2), "images_per_s": round(batch_size * 1000 / ms, 2),
+              "peak_memory_mb": round(memory.peak_mb(), 1),
+              "final_loss": float(loss) if math.isfinite(float(loss)) else None,
+              "cpu_ms_per_step": round(1000 * cpu / steps, 2)}
+    if profiles is not None:
+        profiles.append(profile_ops(lambda: train_step(loss_fn, model, opt), profile_steps, device,
+                                    f"{label}, batch {batch_size}"))
+    return result
 
 
-def time_sampling(sample_fn, batch_size: int, batches: int, warmup_fn, memory: PeakMemory, device) -> dict:
+def time_sampling(sample_fn, batch_size: int, batches: int, warmup_fn, memory: PeakMemory, device,
+                  profiles: list[str] | None = None, label: str = "sampling") -> dict:
     """``warmup_fn()`` untimed when given (one-time work: compiling, cached embeddings, the allocator), then
-    ``batches`` timed calls of ``sample_fn()``, each ``batch_size`` images."""
+    ``batches`` timed calls of ``sample_fn()``, each ``batch_size`` images. With a ``profiles`` list, then
+    one more call under the profiler, whose table (``profile_ops``) is appended to it."""
     memory.reset()
     t0 = time.perf_counter()
     if warmup_fn is not None:
@@ -171,9 +179,12 @@ def time_sampling(sample_fn, batch_size: int, batches: int, warmup_fn, memory: P
     _sync(device)
     seconds = (time.perf_counter() - t0) / batches
     cpu = (time.process_time() - c0) / batches
-    return {"seconds": round(seconds, 3), "images_per_s": round(batch_size / seconds, 2),
-            "peak_memory_mb": round(memory.peak_mb(), 1), "cpu_seconds": round(cpu, 3),
-            "warmup_seconds": round(warmup_seconds, 3)}
+    result = {"seconds": round(seconds, 3), "images_per_s": round(batch_size / seconds, 2),
+              "peak_memory_mb": round(memory.peak_mb(), 1), "cpu_seconds": round(cpu, 3),
+              "warmup_seconds": round(warmup_seconds, 3)}
+    if profiles is not None:
+        profiles.append(profile_ops(sample_fn, 1, device, f"{label}, batch {batch_size}"))
+    return result
 
 
 def profile_ops(fn, repeat: int, device, title: str, rows: int = 40) -> str:
@@ -196,6 +207,13 @@ def profile_ops(fn, repeat: int, device, title: str, rows: int = 40) -> str:
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=rows, max_name_column_width=60)
     return f"== {title}: {repeat} call(s), {wall * 1000:.1f} ms under the profiler ({torch.__version__})\n{table}\n"
+
+
+def write_profiles(path: str | Path, profiles: list[str]) -> None:
+    """The phases' operator tables (``--profile``) into one text file."""
+    from sandbox.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), "\n".join(profiles).encode())
 
 
 # --------------------------------------------------------------------------------------
@@ -314,7 +332,7 @@ def run(cfg: Namespace) -> None:
         "memory_kind": memory.kind,
     }
 
-    profiles = []  # --profile: one operator table per phase
+    profiles = [] if cfg.profile else None  # --profile: one operator table per phase
 
     # ----- training -----
     if cfg.batch_size > 0 and cfg.steps > 0:
@@ -328,10 +346,8 @@ def run(cfg: Namespace) -> None:
             with amp:
                 return model(seq, split, labels, gen)
 
-        result["train"] = time_training(loss, model, opt, cfg.batch_size, cfg.warmup, cfg.steps, memory, device)
-        if cfg.profile:
-            profiles.append(profile_ops(lambda: train_step(loss, model, opt), cfg.profile_steps, device,
-                                        f"training, batch {cfg.batch_size}"))
+        result["train"] = time_training(loss, model, opt, cfg.batch_size, cfg.warmup, cfg.steps, memory, device,
+                                        profiles, cfg.profile_steps)
         del opt
         model.zero_grad(set_to_none=True)
 
@@ -349,10 +365,7 @@ def run(cfg: Namespace) -> None:
         warmup = cfg.warmup > 0 or use_compile_sampling or use_compile
         result["sample"] = time_sampling(lambda: sample(cfg.sample_batch_size, num_iter), cfg.sample_batch_size,
                                          cfg.sample_batches, (lambda: sample(2, 2)) if warmup else None, memory,
-                                         device)
-        if cfg.profile:
-            profiles.append(profile_ops(lambda: sample(cfg.sample_batch_size, num_iter), 1, device,
-                                        f"sampling, batch {cfg.sample_batch_size}"))
+                                         device, profiles)
 
     text = json.dumps(result, indent=2, default=str)
     print(text)
@@ -361,6 +374,4 @@ def run(cfg: Namespace) -> None:
 
         atomic_write_bytes(Path(cfg.json), text.encode())
     if cfg.profile:
-        from sandbox.checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(Path(cfg.profile), "\n".join(profiles).encode())
+        write_profiles(cfg.profile, profiles)
