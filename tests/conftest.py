@@ -44,6 +44,14 @@ def parity_fixture_dir() -> Path | None:
     return default if default.is_dir() else None
 
 
+def fixture_files(pattern: str) -> list[Path]:
+    """The parity fixtures matching ``pattern`` (e.g. ``official_kl16*.pt``), sorted; [] without a directory.
+    Fixtures are found by pattern, never by one exact name, so a directory recorded with other seeds or
+    configurations (``SANDBOX_PARITY_FIXTURES``) is tested as a whole."""
+    d = parity_fixture_dir()
+    return sorted(d.glob(pattern)) if d is not None and d.is_dir() else []
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A run directory of the tiny recipe, trained in-process for 4 steps (shared, treat as read-only)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import parity_fixture_dir
+from conftest import fixture_files
 from sandbox.checkpoint import RunDir
 from sandbox.cli import main
 from sandbox.errors import UserError
@@ -18,11 +18,11 @@ from sandbox.official import FACTORIES, load_official_checkpoint, mar_config, of
 
 
 def _fixtures():
-    d = parity_fixture_dir()
-    if d is None or not (d / "official_mar_latent.pt").is_file() or not (d / "official_kl16.pt").is_file():
-        pytest.skip("needs official_mar_latent.pt and official_kl16.pt (SANDBOX_PARITY_FIXTURES or ../shared/fixtures)")
-    load = lambda name: torch.load(d / name, weights_only=False)  # trusted test data recorded by the project
-    return load("official_mar_latent.pt"), load("official_kl16.pt")
+    mar, kl16 = fixture_files("official_mar_latent*.pt"), fixture_files("official_kl16*.pt")
+    if not mar or not kl16:
+        pytest.skip("needs official_mar_latent*.pt and official_kl16*.pt (SANDBOX_PARITY_FIXTURES or ../shared/fixtures)")
+    load = lambda path: torch.load(path, weights_only=False)  # trusted test data recorded by the project
+    return load(mar[0]), load(kl16[0])
 
 
 @pytest.fixture(scope="module")

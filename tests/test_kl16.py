@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import parity_fixture_dir
+from conftest import fixture_files
 from plugins.tokenizers.kl16 import SCALE, KL16Tokenizer, ldm_to_diffusers
 from sandbox.errors import UserError
 
@@ -52,12 +52,14 @@ def test_missing_checkpoint_names_the_file_and_where_to_put_it(tmp_path):
 # --------------------------------------------------------------------------------------
 # Parity with the official KL-16 code (reduced base channels, random weights)
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fx():
-    d = parity_fixture_dir()
-    if d is None or not (d / "official_kl16.pt").is_file():
-        pytest.skip("no official_kl16.pt: set SANDBOX_PARITY_FIXTURES or put it in ../shared/fixtures")
-    return torch.load(d / "official_kl16.pt", weights_only=False)  # trusted test data recorded by the project
+KL16_FILES = fixture_files("official_kl16*.pt")
+
+
+@pytest.fixture(scope="module", params=KL16_FILES or [None], ids=[f.stem for f in KL16_FILES] or ["none"])
+def fx(request):
+    if request.param is None:
+        pytest.skip("no official_kl16*.pt: set SANDBOX_PARITY_FIXTURES or put them in ../shared/fixtures")
+    return torch.load(request.param, weights_only=False)  # trusted test data recorded by the project
 
 
 @pytest.mark.parity

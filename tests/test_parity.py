@@ -2,9 +2,17 @@
 
 Every ``official_mar_*.pt`` in the fixture directory ($SANDBOX_PARITY_FIXTURES,
 or ../shared/fixtures) is converted into the sandbox model and must reproduce
-the official tensors within 1e-5 (float32). The fixtures were recorded with
-the bare ``MAR(...)`` constructor, whose LayerNorms use eps 1e-5 (the released
-mar_base/large/huge factories use 1e-6).
+the official tensors within |a - b| <= 1e-5 * max(1, |b|, scale) (float32): an
+absolute 1e-5 near zero, 1e-5 relative to a value or to the magnitude of the
+terms it was formed from (``scale``). The last matters for the sampler step:
+x0 = sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps multiplies eps by ~2e4
+at t = 999, and where x_t and eps nearly cancel, x0 is small while one float32
+rounding of eps (which depends on the CPU's matrix kernels: AVX-512 or not)
+moves it by ~2e4 ulp of eps. So x0, the mean and the step are compared relative
+to the size of their terms (the bound error propagation gives; the network's
+eps itself is checked un-amplified in test_head_output_and_training_losses).
+The fixtures were recorded with the bare ``MAR(...)`` constructor, whose
+LayerNorms use eps 1e-5 (the released mar_base/large/huge factories use 1e-6).
 """
 from __future__ import annotations
 
@@ -43,10 +51,21 @@ def fx(request):
     return data
 
 
-def close(a, b, atol=ATOL):
+def close(a, b, atol=ATOL, scale=None):
+    """|a - b| <= atol * max(1, |b|, scale) elementwise: absolute near zero, relative to the value or, for an
+    amplified value, to ``scale``, the magnitude of the terms it was formed from (see the module docstring)."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    assert err <= atol, f"max abs error {err:.3g} > {atol}"
+    if not a.numel():
+        return
+    a, b = a.double(), b.double()
+    err = (a - b).abs()
+    bound = b.abs().clamp_min(1.0)
+    if scale is not None:
+        bound = torch.maximum(bound, scale.double())
+    bound = atol * bound
+    worst = int((err / bound).argmax())
+    assert bool((err <= bound).all()), (f"max error {err.flatten()[worst].item():.3g} at a value of "
+                                        f"{b.flatten()[worst].item():.4g} > {atol} x max(1, |value|)")
 
 
 def sequence(fx):
@@ -107,15 +126,21 @@ def test_cfg_forward(fx):
 
 def test_sampler_step(fx):
     head, d = fx["model"].head, fx["diffusion"]
-    s = d["sample_in"]
+    s, sd = d["sample_in"], head.sample_diffusion
     with torch.no_grad():
         c_emb = head.net.embed_cond(s["c"])
+        eps, _ = head.guided_output(s["x"], sd.timestep_map[s["t"]], c_emb, 1.0)
         mean, log_var, x0 = head.p_step(s["x"], s["t"], c_emb, 1.0)
         step = head.denoise_step(s["x"], s["t"], c_emb, 1.0, s["noise"], s["temperature"])
-    close(mean, d["p_mean"])
+    col = lambda name: getattr(sd, name)[s["t"]][:, None]  # (N, 1) float64 table values
+    xt = s["x"].double()
+    x0_scale = col("sqrt_recip_alphas_cumprod") * xt.abs() + col("sqrt_recipm1_alphas_cumprod") * eps.double().abs()
+    mean_scale = col("posterior_mean_coef1") * x0_scale + col("posterior_mean_coef2") * xt.abs()
+    close(x0, d["p_xstart"], scale=x0_scale)  # reaches ~6e4 at t=999 (1/sqrt(alpha_bar) ~ 2e4)
+    close(mean, d["p_mean"], scale=mean_scale)
     close(log_var, d["p_log_variance"])
-    close(x0, d["p_xstart"])  # reaches ~6e4 at t=999 (1/sqrt(alpha_bar) ~ 2e4): float64 tables keep it exact
-    close(step, d["step_sample"])
+    noise_term = (0.5 * log_var.double()).exp() * s["noise"].double().abs() * s["temperature"]
+    close(step, d["step_sample"], scale=mean_scale + noise_term)
 
 
 def test_respacing(fx):
