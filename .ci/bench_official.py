@@ -9,7 +9,7 @@ mapped to the chosen device) or be removed (on CUDA the default device is set, s
     python .ci/bench_official.py --official_dir DIR --official_config mar_base --device cuda --precision bf16 \
         --batch_size 256                                                          # MAR-B on a GPU
 
-Protocol (as ``sandbox/commands/bench.py``): AdamW (betas 0.9, 0.95; no weight decay on biases and 1-D
+Protocol (as ``sandbox/cli/bench.py``): AdamW (betas 0.9, 0.95; no weight decay on biases and 1-D
 parameters, as the official ``add_weight_decay``), gradient clipping at 3.0, ``--warmup`` untimed steps, then
 ``--steps`` timed ones on fixed random inputs; sampling: one small untimed call, then ``--sample_batches`` calls
 of ``--sample_batch_size`` class-balanced images with the linear CFG schedule. bf16 is autocast around the
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sandbox.commands.bench import PeakMemory, time_sampling, time_training, write_profiles  # noqa: E402  (the protocol)
-from sandbox.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
+from sandbox.cli.bench import PeakMemory, time_sampling, time_training, write_profiles  # noqa: E402  (the protocol)
+from sandbox.lab.official import PRESETS  # noqa: E402  (the released sizes' constructor arguments)
 
 
 def parser() -> argparse.ArgumentParser:

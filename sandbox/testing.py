@@ -9,7 +9,7 @@
 ``check_tokenizer``, ``check_ordering``, ``check_head`` and ``check_dataset``
 take the plugin class (tokenizers and datasets also an instance);
 ``check_plugin`` picks the check from the class's kind. Each builds the
-plugin small, exercises the promises of its kind (``sandbox.kinds``: shapes,
+plugin small, exercises the promises of its kind (``sandbox.core.contracts``: shapes,
 dtypes, value ranges, randomness only from the ``generator`` argument) and
 raises ``ContractError`` -- an ``AssertionError``, so pytest reports a
 failure -- naming the plugin, the call, what was expected and what came back:
@@ -31,8 +31,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from sandbox.guards import shape_of
-from sandbox.kinds import Dataset, Head, Ordering, SampleStep, Tokenizer, TrainingSplit
+from sandbox.core.checks import shape_of
+from sandbox.core.contracts import (
+    Dataset,
+    Head,
+    Ordering,
+    SampleStep,
+    Tokenizer,
+    TrainingSplit,
+)
 
 __all__ = ["ContractError", "check_tokenizer", "check_ordering", "check_head", "check_dataset", "check_plugin",
            "contract_args", "register_tiny_feature_extractor"]
@@ -119,12 +126,12 @@ def _build(plugin, base: type, kind: str, init_args: dict, *injected):
     if isinstance(plugin, base):
         return plugin
     if not callable(plugin):
-        raise _fail(plugin, f"it is a {type(plugin).__name__}, not a subclass of sandbox.kinds.{base.__name__}", kind)
+        raise _fail(plugin, f"it is a {type(plugin).__name__}, not a subclass of sandbox.{base.__name__}", kind)
     args = dict(init_args) if init_args else contract_args(plugin)
     call = f"{_name(plugin)}({', '.join([*map(repr, injected), *(f'{k}={v!r}' for k, v in args.items())])})"
     obj = _Check(plugin, kind).call(call, plugin, *injected, **args)
     if not isinstance(obj, base):
-        raise _fail(plugin, f"{call} built a {type(obj).__name__}, not a sandbox.kinds.{base.__name__}", kind)
+        raise _fail(plugin, f"{call} built a {type(obj).__name__}, not a sandbox.{base.__name__}", kind)
     return obj
 
 
@@ -198,6 +205,8 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
                    num_iters: tuple[int, ...] = (1, 3, 7), **init_args) -> None:
     """Sequence (B,L,C) <-> grid round trip; training splits with equal visible counts and loss in every row;
     sampling plans that predict every position exactly once with non-decreasing progress; all seeded;
+    plans with a ``known`` mask that predict exactly the unknown positions (nothing known: the plain plan,
+    everything known: no step, uneven rows: ValueError); ``known_from_grid`` of an all-True / all-False grid;
     ``preview`` (animations) shows no cell when nothing is known and the decoded grid when everything is."""
     o = _build(factory, Ordering, "ordering", init_args, tuple(grid))
     c = _Check(factory, "ordering")
@@ -216,14 +225,22 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
     G = o.num_groups
     c.expect(int(groups.min()) >= 0 and int(groups.max()) < G,
              f"groups() spans [{int(groups.min())}, {int(groups.max())}]; expected values in [0, num_groups={G})")
+    _check_training_split(o, c, seq, batch, L, token_dim)
+    for num_iter in num_iters:
+        _check_plan(o, c, batch, L, token_dim, num_iter)
+        _check_known_plans(o, c, batch, num_iter, groups)
+    _check_known_from_grid(o, c, batch, grid)
+    _check_preview(o, c, seq, back, batch, L, grid)
 
-    # -- training ----------------------------------------------------------------------
+
+def _check_training_split(o, c: _Check, seq: Tensor, batch: int, L: int, token_dim: int) -> None:
+    """Training splits: shapes, equal visible counts, loss in every row, seeded, no leak of a loss position."""
     split_call = f"training_split(seq {tuple(seq.shape)})"
     for seed in range(5):  # several draws: a ratio-dependent bug shows up in some of them
         with c.own_randomness(split_call):
             split = c.call(split_call, o.training_split, seq, _gen(seed))
         c.expect(isinstance(split, TrainingSplit), f"{split_call} returned {type(split).__name__}; "
-                                                   "expected a sandbox.kinds.TrainingSplit")
+                                                   "expected a sandbox.TrainingSplit")
         c.tensor(f"{split_call}.inputs", split.inputs, (batch, L, token_dim), "(B, L, C)")
         c.tensor(f"{split_call}.visible", split.visible, (batch, L), "(B, L)", "bool")
         c.tensor(f"{split_call}.weight", split.weight, (batch, L), "(B, L)")
@@ -241,43 +258,48 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
         c.expect(not bool(leak.any()), f"{split_call} shows the encoder the true value of {int(leak.sum())} "
                                        "position(s) that carry loss; hide them, or show a guess in their place")
 
-    # -- sampling ------------------------------------------------------------------------
-    for num_iter in num_iters:
-        plan_call = f"sampling_plan(batch={batch}, num_iter={num_iter})"
-        with c.own_randomness(plan_call):
-            plan = c.call(plan_call, o.sampling_plan, batch, num_iter, _gen(0))
-        c.expect(isinstance(plan, list) and plan and all(isinstance(s, SampleStep) for s in plan),
-                 f"{plan_call} returned {type(plan).__name__}; expected a non-empty list of sandbox.kinds.SampleStep")
-        times = torch.zeros(batch, L, dtype=torch.long)
-        known = torch.zeros(batch, L, dtype=torch.bool)
-        last = 0.0
-        for i, step in enumerate(plan):
-            at = f"{plan_call} step {i}"
-            c.tensor(f"{at}: predict", step.predict, (batch, L), "(B, L)", "bool")
-            n = step.predict.sum(1).tolist()
-            c.expect(len(set(n)) == 1 and n[0] > 0, f"{at} predicts {n} positions per row; expected the same "
-                                                    "positive number in every row")
-            c.expect(not bool((known & step.predict).any()), f"{at} predicts a position that is already known")
-            tokens = torch.where(known[..., None], torch.randn(batch, L, token_dim, generator=_gen(i)), 0.0)
-            inputs, visible = c.call(f"step_inputs before {at}", o.step_inputs, tokens, known, step)
-            c.tensor(f"step_inputs before {at}: inputs", inputs, (batch, L, token_dim), "(B, L, C)")
-            c.tensor(f"step_inputs before {at}: visible", visible, (batch, L), "(B, L)", "bool")
-            shown = visible.sum(1).tolist()
-            c.expect(len(set(shown)) == 1, f"step_inputs before {at} shows rows {shown} visible positions; every "
-                                           "row must show the same number")
-            c.expect(isinstance(step.progress, (int, float)) and last <= step.progress <= 1.0 and step.progress > 0,
-                     f"{at} has progress {step.progress!r} after {last}; expected non-decreasing values in (0, 1]")
-            last = float(step.progress)
-            times += step.predict.long()
-            known |= step.predict
-        never, twice = int((times == 0).sum()), int((times > 1).sum())
-        c.expect(never == 0 and twice == 0, f"{plan_call} leaves {never} (row, position) pairs never predicted and "
-                                            f"predicts {twice} more than once; each must be predicted exactly once")
-        again = o.sampling_plan(batch, num_iter, _gen(0))
-        c.expect(len(again) == len(plan) and all(torch.equal(a.predict, b.predict) for a, b in zip(again, plan)),
-                 f"{plan_call} with the same generator seed gave a different plan; draw from `generator`")
 
-    # -- preview (animations) -------------------------------------------------------------
+def _check_plan(o, c: _Check, batch: int, L: int, token_dim: int, num_iter: int) -> None:
+    """A sampling plan: every position predicted exactly once, the same count per row, step_inputs with equal
+    visible counts, progress non-decreasing in (0, 1], seeded."""
+    plan_call = f"sampling_plan(batch={batch}, num_iter={num_iter})"
+    with c.own_randomness(plan_call):
+        plan = c.call(plan_call, o.sampling_plan, batch, num_iter, _gen(0))
+    c.expect(isinstance(plan, list) and plan and all(isinstance(s, SampleStep) for s in plan),
+             f"{plan_call} returned {type(plan).__name__}; expected a non-empty list of "
+             "sandbox.SampleStep")
+    times = torch.zeros(batch, L, dtype=torch.long)
+    known = torch.zeros(batch, L, dtype=torch.bool)
+    last = 0.0
+    for i, step in enumerate(plan):
+        at = f"{plan_call} step {i}"
+        c.tensor(f"{at}: predict", step.predict, (batch, L), "(B, L)", "bool")
+        n = step.predict.sum(1).tolist()
+        c.expect(len(set(n)) == 1 and n[0] > 0, f"{at} predicts {n} positions per row; expected the same "
+                                                "positive number in every row")
+        c.expect(not bool((known & step.predict).any()), f"{at} predicts a position that is already known")
+        tokens = torch.where(known[..., None], torch.randn(batch, L, token_dim, generator=_gen(i)), 0.0)
+        inputs, visible = c.call(f"step_inputs before {at}", o.step_inputs, tokens, known, step)
+        c.tensor(f"step_inputs before {at}: inputs", inputs, (batch, L, token_dim), "(B, L, C)")
+        c.tensor(f"step_inputs before {at}: visible", visible, (batch, L), "(B, L)", "bool")
+        shown = visible.sum(1).tolist()
+        c.expect(len(set(shown)) == 1, f"step_inputs before {at} shows rows {shown} visible positions; every "
+                                       "row must show the same number")
+        c.expect(isinstance(step.progress, (int, float)) and last <= step.progress <= 1.0 and step.progress > 0,
+                 f"{at} has progress {step.progress!r} after {last}; expected non-decreasing values in (0, 1]")
+        last = float(step.progress)
+        times += step.predict.long()
+        known |= step.predict
+    never, twice = int((times == 0).sum()), int((times > 1).sum())
+    c.expect(never == 0 and twice == 0, f"{plan_call} leaves {never} (row, position) pairs never predicted and "
+                                        f"predicts {twice} more than once; each must be predicted exactly once")
+    again = o.sampling_plan(batch, num_iter, _gen(0))
+    c.expect(len(again) == len(plan) and all(torch.equal(a.predict, b.predict) for a, b in zip(again, plan)),
+             f"{plan_call} with the same generator seed gave a different plan; draw from `generator`")
+
+
+def _check_preview(o, c: _Check, seq: Tensor, back: Tensor, batch: int, L: int, grid: tuple[int, int]) -> None:
+    """preview: no cell shown when nothing is known, the decoded grid when everything is."""
     for all_known in (False, True):
         known = torch.full((batch, L), all_known)
         call = f"preview(seq {tuple(seq.shape)}, known all {all_known})"
@@ -285,7 +307,7 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
         c.expect(isinstance(out, tuple) and len(out) == 2, f"{call} returned {type(out).__name__}; expected "
                                                           "(token grid (B, C, h, w), shown (B, h, w))")
         shown_grid, shown = out
-        c.tensor(f"{call}: grid", shown_grid, tuple(grid_t.shape), "(B, C, h, w)")
+        c.tensor(f"{call}: grid", shown_grid, (batch, back.shape[1], *grid), "(B, C, h, w)")
         c.tensor(f"{call}: shown", shown, (batch, *grid), "(B, h, w)", "bool")
         c.expect(bool(shown.any()) == all_known and bool(shown.all()) == all_known,
                  f"{call} shows {int(shown.sum())} of {shown.numel()} cells; expected "
@@ -294,6 +316,99 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
             c.expect(torch.allclose(shown_grid, back, atol=1e-5),
                      f"{call} is not the grid to_grid decodes (max |diff| {_max_diff(shown_grid, back):.3g}); the "
                      "last frame of an animation must be the image")
+
+
+def _random_known(groups: Tensor, batch: int, seed: int) -> Tensor:
+    """(B, L) bool: a random known mask with one count per group shared by the rows (a group may run as one
+    step), at least one position unknown; the rows differ in which positions are known."""
+    g = _gen(seed)
+    known = torch.zeros(batch, groups.numel(), dtype=torch.bool)
+    for k in groups.unique().tolist():
+        where = (groups == k).nonzero().flatten()  # (n_k,)
+        count = int(torch.randint(where.numel() + 1, (1,), generator=g))
+        picks = torch.rand(batch, where.numel(), generator=g).argsort(1)[:, :count]  # (B, count)
+        known[:, where] = torch.zeros(batch, where.numel(), dtype=torch.bool).scatter_(1, picks, True)
+    if known.all():
+        known[:, 0] = False
+    return known
+
+
+def _plan_with_known(o, c: _Check, batch: int, num_iter: int, known: Tensor, label: str) -> list[SampleStep]:
+    """Run ``sampling_plan(..., known=known)``; check it predicts exactly the unknown positions, each once, the
+    same count per row at each step, with progress non-decreasing in (0, 1] and ending at 1."""
+    call = f"sampling_plan(batch={batch}, num_iter={num_iter}, known={label})"
+    with c.own_randomness(call):
+        plan = c.call(call, o.sampling_plan, batch, num_iter, _gen(0), known=known)
+    c.expect(isinstance(plan, list) and all(isinstance(s, SampleStep) for s in plan),
+             f"{call} returned {type(plan).__name__}; expected a list of sandbox.SampleStep")
+    times, last, L = torch.zeros(batch, known.shape[1], dtype=torch.long), 0.0, known.shape[1]
+    for i, step in enumerate(plan):
+        c.tensor(f"{call} step {i}: predict", step.predict, tuple(known.shape), "(B, L)", "bool")
+        n = step.predict.sum(1).tolist()
+        c.expect(len(set(n)) == 1 and n[0] > 0, f"{call} step {i} predicts {n} positions per row; expected the "
+                                                "same positive number in every row")
+        c.expect(isinstance(step.progress, (int, float)) and last <= step.progress <= 1.0 and step.progress > 0,
+                 f"{call} step {i} has progress {step.progress!r} after {last}; expected non-decreasing values "
+                 "in (0, 1]")
+        last = float(step.progress)
+        times += step.predict.long()
+    on_known, twice, never = int(times[known].sum()), int((times > 1).sum()), int((times[~known] == 0).sum())
+    c.expect(on_known == 0 and twice == 0 and never == 0,
+             f"{call} predicts {on_known} known (row, position) pairs, {twice} more than once and leaves {never} "
+             "unknown ones never predicted; a plan predicts exactly the unknown positions, each once")
+    # MAR's linear CFG reads the clamped masked count, so a token plan may end one token short of 1
+    c.expect(not plan or last >= 1.0 - 1.0 / L - 1e-9,
+             f"{call} ends at progress {last}; the last step must reach 1 (or (L-1)/L under MAR's clamp)")
+    return plan
+
+
+def _check_known_plans(o, c: _Check, batch: int, num_iter: int, groups: Tensor) -> None:
+    """``known``: random masks plan exactly their unknown positions; all False is the plain plan; all True
+    plans nothing; rows with different unknown counts are a ValueError."""
+    L = groups.numel()
+    for seed in range(3):
+        known = _random_known(groups, batch, seed)
+        plan = _plan_with_known(o, c, batch, num_iter, known, f"random mask (seed {seed})")
+        again = o.sampling_plan(batch, num_iter, _gen(0), known=known)
+        c.expect(len(again) == len(plan) and all(torch.equal(a.predict, b.predict) for a, b in zip(again, plan)),
+                 "sampling_plan(known=random mask) with the same generator seed gave a different plan; draw from "
+                 "`generator`")
+    plain = o.sampling_plan(batch, num_iter, _gen(0))
+    none_known = _plan_with_known(o, c, batch, num_iter, torch.zeros(batch, L, dtype=torch.bool), "all False")
+    same = len(plain) == len(none_known) and all(torch.equal(a.predict, b.predict) and a.progress == b.progress
+                                                 for a, b in zip(plain, none_known))
+    c.expect(same, f"sampling_plan(batch={batch}, num_iter={num_iter}, known=all False) is not the plan of "
+                   "known=None for the same generator seed; nothing known must be the plain plan, draw for draw")
+    full = _plan_with_known(o, c, batch, num_iter, torch.ones(batch, L, dtype=torch.bool), "all True")
+    c.expect(len(full) == 0, f"sampling_plan(known=all True) returned {len(full)} steps; with everything "
+                             "known there is nothing to predict (an empty plan)")
+    if batch > 1:
+        uneven = torch.zeros(batch, L, dtype=torch.bool)
+        uneven[0, 0] = True  # row 0 has one unknown position fewer
+        try:
+            o.sampling_plan(batch, num_iter, _gen(0), known=uneven)
+        except ValueError:
+            pass
+        except Exception as e:
+            raise c.fail(f"sampling_plan(known=...) with unknown counts differing by row raised {type(e).__name__}: "
+                         f"{e}; expected a ValueError naming the counts") from e
+        else:
+            raise c.fail(f"sampling_plan(known=...) with {L - 1} unknown positions in row 0 and {L} in the others "
+                         "returned a plan; raise ValueError naming the counts (the encoder packs rows as (B, n))")
+
+
+def _check_known_from_grid(o, c: _Check, batch: int, grid: tuple[int, int]) -> None:
+    """known_from_grid: (B, h, w) bool -> (B, L) bool; all-True grid -> all True, all-False -> all False."""
+    L = o.seq_len
+    for value in (True, False):
+        call = f"known_from_grid(grid all {value} {(batch, *grid)})"
+        out = c.call(call, o.known_from_grid, torch.full((batch, *grid), value))
+        c.tensor(call, out, (batch, L), "(B, L)", "bool")
+        c.expect(bool((out == value).all()), f"{call} marks {int(out.sum())} of {out.numel()} positions known; "
+                                             f"expected {'all' if value else 'none'}")
+    mixed = torch.rand(batch, *grid, generator=_gen(5)) < 0.5  # (B, h, w)
+    call = f"known_from_grid(random grid mask {(batch, *grid)})"
+    c.tensor(call, c.call(call, o.known_from_grid, mixed), (batch, L), "(B, L)", "bool")
 
 
 # --------------------------------------------------------------------------------------
@@ -420,7 +535,7 @@ def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
 # --------------------------------------------------------------------------------------
 def check_plugin(plugin, **init_args) -> None:
     """Run the check of the plugin's kind (a class, or a tokenizer/dataset instance)."""
-    from sandbox.registry import kind_of
+    from sandbox.config.registry import kind_of
 
     cls = plugin if isinstance(plugin, type) else type(plugin)
     check = {"tokenizer": check_tokenizer, "ordering": check_ordering, "head": check_head,

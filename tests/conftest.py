@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sandbox import registry
+from sandbox.config import registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,8 @@ def fixture_files(pattern: str) -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A run directory of the tiny recipe, trained in-process for 4 steps (shared, treat as read-only)."""
-    from sandbox.recipe import recipe_parser
-    from sandbox.train import train
+    from sandbox.config.recipe import recipe_parser
+    from sandbox.run.trainer import train
 
     root = tmp_path_factory.mktemp("tiny_run")
     recipe = root / "tiny.yaml"

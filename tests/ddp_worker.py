@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-import sandbox.train
-from sandbox import distributed, registry
+import sandbox.run.trainer
 from sandbox.cli import main
-from sandbox.evaluate import eval_samples
-from sandbox.generate import generate_distributed
-from sandbox.recipe import recipe_parser
-from sandbox.train import load_run, train
+from sandbox.config import registry
+from sandbox.config.recipe import recipe_parser
+from sandbox.eval.samples import eval_samples, generate_distributed
+from sandbox.run import distributed
+from sandbox.run.loading import load_run
+from sandbox.run.trainer import train
 
 EVAL_SETTINGS = {"num_images": 5, "seed": 3, "chunk_size": 2, "num_iter": 2, "cfg": 2.0, "cfg_schedule": "linear",
                  "temperature": 1.0, "step": 2, "ema": True}
@@ -36,7 +37,8 @@ def run(recipe: str, out: Path) -> None:
         code = main(["sample", "--run_dir", str(out / "ddp"), "--num_images", "6", "--batch_size", "2",
                      "--num_iter", "2", "--cfg", "2.0", "--out", str(out / "ddp_samples.npz"), "--progress", "false"])
         assert code == 0, code
-        exp, model, _ = load_run(out / "ddp")
+        loaded = load_run(out / "ddp")
+        exp, model = loaded.exp, loaded.model
         images = generate_distributed(exp, torch.arange(5), batch_size=2, seed=7, dst=None, model=model, num_iter=2)
         torch.save(images, out / f"images_rank{me.rank}.pt")
         # the evaluation set (what `sandbox eval` scores): split over the ranks, gathered and written by rank 0
@@ -44,7 +46,7 @@ def run(recipe: str, out: Path) -> None:
         assert not reused and (got is None) == (me.rank != 0), (me.rank, got is None)
 
         # the preemption signal reaches rank 1 only
-        loss, calls = sandbox.train.training_loss, []
+        loss, calls = sandbox.run.trainer.training_loss, []
 
         def signalled_loss(*args, **kwargs):
             calls.append(1)
@@ -52,7 +54,7 @@ def run(recipe: str, out: Path) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return loss(*args, **kwargs)
 
-        sandbox.train.training_loss = signalled_loss
+        sandbox.run.trainer.training_loss = signalled_loss
         cfg = recipe_parser().parse_args(["--config", recipe, "--train.steps", "50"])
         summary = train(cfg, out / "stopped", progress=False)
         (out / f"stopped_rank{me.rank}.json").write_text(json.dumps({k: summary[k] for k in ("step", "stopped", "signal")}))

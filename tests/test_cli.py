@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import REPO, TINY_RECIPE
+from PIL import Image
 
 
 def sandbox(*args, cwd=None, check=True):

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox import registry
-from sandbox.testing import check_dataset, check_head, check_ordering, check_tokenizer, contract_args
+from sandbox.config import registry
+from sandbox.testing import (
+    check_dataset,
+    check_head,
+    check_ordering,
+    check_tokenizer,
+    contract_args,
+)
 
 
 def _params(kind):

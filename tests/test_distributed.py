@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, TINY_RECIPE
-from sandbox.checkpoint import RunDir
+
 from sandbox.cli import main
-from sandbox.evaluate import eval_samples
-from sandbox.generate import generate_many
-from sandbox.images import read_image_set
-from sandbox.recipe import recipe_parser
-from sandbox.train import load_run, train
+from sandbox.config.recipe import recipe_parser
+from sandbox.eval.samples import eval_samples, generate_many
+from sandbox.images.io import read_image_set
+from sandbox.run.loading import load_run
+from sandbox.run.rundir import RunDir
+from sandbox.run.trainer import train
 
 ATOL = 1e-5
 
@@ -94,7 +94,8 @@ def one_thread():
 
 def test_distributed_sampling_gives_the_images_of_one_process(runs, one_thread):
     root, _ = runs
-    exp, model, _ = load_run(root / "ddp")
+    loaded = load_run(root / "ddp")
+    exp, model = loaded.exp, loaded.model
     one = generate_many(exp, torch.arange(5), batch_size=2, seed=7, model=model, num_iter=2)
     for r in (0, 1):  # bit-identical, on both ranks (gathered everywhere with dst=None)
         assert torch.equal(torch.load(root / f"images_rank{r}.pt"), one)
@@ -109,7 +110,8 @@ def test_distributed_eval_set_is_the_one_process_set(runs, one_thread):
     from ddp_worker import EVAL_SETTINGS
 
     root, _ = runs
-    exp, model, _ = load_run(root / "ddp")
+    loaded = load_run(root / "ddp")
+    exp, model = loaded.exp, loaded.model
     one, labels, path, reused = eval_samples(exp, model, EVAL_SETTINGS, root / "one_eval")
     assert not reused
     written = list((root / "ddp_eval" / "eval").glob("samples-5-*.npz"))
@@ -186,7 +188,7 @@ def test_gpu_check_script_uses_options_that_exist():
     spec = importlib.util.spec_from_file_location("bench_official", REPO / ".ci" / "bench_official.py")
     bench_official = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_official)
-    from sandbox.commands import bench, sample, train
+    from sandbox.cli import bench, sample, train
 
     known = {"--nproc_per_node", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--target"}  # torchrun, pip
     for p in (bench.parser(), sample.parser(), train.parser(), bench_official.parser()):
@@ -254,7 +256,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(runs):
 @pytest.mark.parametrize("device, cuda, backend", [("cuda", True, "nccl"), ("auto", True, "nccl"),
                                                    ("cpu", True, "gloo"), ("auto", False, "gloo")])
 def test_session_joins_with_nccl_on_gpus_and_gloo_on_cpus(monkeypatch, device, cuda, backend):
-    from sandbox import distributed
+    from sandbox.run import distributed
 
     calls = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -272,7 +274,7 @@ def test_session_joins_with_nccl_on_gpus_and_gloo_on_cpus(monkeypatch, device, c
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
-    from sandbox import distributed
+    from sandbox.run import distributed
 
     monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo(rank=5, world_size=8, local_rank=1))
     assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 1)
@@ -281,9 +283,10 @@ def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
 
 
 def test_global_batch_in_lr_scaling_and_data_check(tiny_recipe):
+    from sandbox.config.recipe import instantiate
     from sandbox.errors import UserError
-    from sandbox.recipe import instantiate
-    from sandbox.train import ResumableBatchSampler, base_lr
+    from sandbox.run.data import ResumableBatchSampler
+    from sandbox.run.optim import base_lr
 
     cfg = recipe_parser().parse_args(["--config", str(tiny_recipe), "--train.lr", "null", "--train.blr", "1e-4",
                                       "--train.batch_size", "64", "--train.grad_accum", "4"])
@@ -301,10 +304,11 @@ def test_global_batch_in_lr_scaling_and_data_check(tiny_recipe):
 def test_attention_backend_and_compile_are_configuration(tiny_recipe, monkeypatch):
     import torch._inductor.cpp_builder as cpp_builder
 
+    from sandbox.config.build import build
+    from sandbox.core.transformer import MARConfig, MARTransformer
     from sandbox.errors import UserError
-    from sandbox.mar import MARConfig, MARTransformer, set_attention_backend, xformers_available
-    from sandbox.model import compile_blocks
-    from sandbox.recipe import build
+    from sandbox.fast.attention import set_attention_backend, xformers_available
+    from sandbox.fast.compile import compile_blocks
 
     tr = MARTransformer(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
                                   decoder_heads=2, buffer_size=2), 16, 5, 4)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from plugins.datasets.digits import load_digits_tensor
-from sandbox.images import read_image_set, save_npz, save_png, to_uint8
+from sandbox.images.grids import save_png
+from sandbox.images.io import read_image_set, save_npz, to_uint8
+from sandbox.plugins.datasets.digits import load_digits_tensor
 from sandbox.testing import register_tiny_feature_extractor
 
 
@@ -46,7 +47,7 @@ def test_fid_wiring_zero_for_identical_sets_larger_for_different(sandbox_cli, im
 
 def test_fid_against_precomputed_statistics(sandbox_cli, image_sets, tmp_path):
     """An ADM-style reference .npz with only mu/sigma gives the FID that its images give."""
-    from sandbox.fidelity import extract_features, load_feature_extractor
+    from sandbox.eval.fidelity import extract_features, load_feature_extractor
 
     extractor = load_feature_extractor(register_tiny_feature_extractor())
     feats = extract_features(extractor, read_image_set(image_sets / "real.npz").batches(50))["pool"].double()
@@ -73,10 +74,12 @@ def test_eval_of_a_run_writes_its_samples_and_reuses_them(sandbox_cli, tiny_run,
 
 def test_eval_samples_do_not_depend_on_how_indices_are_split(tiny_run):
     """What distributed eval relies on: image i is the same whether made alone, in halves or all at once."""
-    from sandbox.evaluate import generate_eval_images
-    from sandbox.train import load_run
+    from sandbox.eval.samples import generate_eval_images
+    from sandbox.run.loading import load_run
 
-    exp, model, _ = load_run(tiny_run, device="cpu")
+    loaded = load_run(tiny_run, device="cpu")
+
+    exp, model = loaded.exp, loaded.model
     kw = dict(total=10, seed=3, chunk_size=4, num_iter=2)
     whole, labels = generate_eval_images(exp, model, range(10), **kw)
     a, la = generate_eval_images(exp, model, [0, 1, 2, 3, 4, 5], **kw)  # splits chunk 1 (images 4..7)
@@ -89,7 +92,7 @@ def test_eval_samples_do_not_depend_on_how_indices_are_split(tiny_run):
 
 
 def test_modes_fix_the_number_of_images():
-    from sandbox.commands.eval import _num_images, parser
+    from sandbox.cli.eval import _num_images, parser
 
     for mode, n in (("5k", 5_000), ("10k", 10_000), ("50k", 50_000)):
         assert _num_images(parser().parse_args(["--run_dir", "r", "--num_images", "7", "--mode", mode])) == n
@@ -128,7 +131,7 @@ def test_bad_references_are_one_line_errors(sandbox_cli, tmp_path):
 
 def test_digits_score_real_near_floor_noise_far():
     """Real digits the scorer's reference never saw score at its floor; noise is orders of magnitude off."""
-    from plugins.datasets.digits_classifier import DigitsScorer
+    from sandbox.plugins.datasets.digits_classifier import DigitsScorer
 
     scorer = DigitsScorer(8)
     x, y = load_digits_tensor(8)

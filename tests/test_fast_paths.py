@@ -1,4 +1,5 @@
-"""The work the core skips changes no result: each fast path against the straightforward computation.
+"""The speed paths change no result: each fast path against the straightforward computation, and the whole
+model with ``sandbox.fast.apply`` against the plain PyTorch model.
 
 (The official-parity tests cover the rest: the head's network, one sampler step, the transformer.)
 """
@@ -11,11 +12,15 @@ import shutil
 import pytest
 import torch
 
-from plugins.heads.diffusion import DiffusionHead
-from plugins.heads.flow import FlowHead
-from plugins.heads.gaussian_diffusion import discretized_gaussian_log_likelihood, normal_kl
-from plugins.orderings.random import RandomOrdering
-from sandbox.mar import MARConfig, MARTransformer
+from sandbox import fast
+from sandbox.core.transformer import MARConfig, MARTransformer
+from sandbox.plugins.heads.diffusion import DiffusionHead
+from sandbox.plugins.heads.flow import FlowHead
+from sandbox.plugins.heads.gaussian_diffusion import (
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
+from sandbox.plugins.orderings.random import RandomOrdering
 
 
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -71,7 +76,7 @@ def test_compiled_sampling_matches_the_eager_loop(make):
 def test_decoding_only_the_predicted_positions():
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
                     decoder_heads=2, buffer_size=3)
-    tr = randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4))
+    tr = fast.apply(randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4)))
     seq, labels = torch.randn(4, 16, 5), torch.arange(4)
     known = torch.zeros(4, 16, dtype=torch.bool)
     for step in RandomOrdering((4, 4)).sampling_plan(4, 4, torch.Generator().manual_seed(0)):
@@ -86,7 +91,7 @@ def test_decoding_only_the_predicted_positions():
 def test_training_decodes_only_the_loss_positions():
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
                     decoder_heads=2, buffer_size=3, attn_dropout=0.0, proj_dropout=0.0)
-    tr = randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4)).train()
+    tr = fast.apply(randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4))).train()
     seq, labels = torch.randn(4, 16, 5), torch.arange(4)
     split = RandomOrdering((4, 4)).training_split(seq, torch.Generator().manual_seed(0))
     loss_at = split.weight > 0
@@ -119,7 +124,7 @@ def test_decoder_nll_only_where_t_is_zero():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])  # with dropout, the recomputed blocks must replay the masks
 def test_gradient_checkpointing_changes_no_gradient(dropout):
-    from sandbox.model import MAR
+    from sandbox.core.model import MAR
 
     def grads(checkpointing: bool):
         torch.manual_seed(0)
@@ -143,7 +148,7 @@ def test_gradient_checkpointing_changes_no_gradient(dropout):
 # CPU kernels: the cheaper dropout mask, explicit (chunked) attention, fused training multiply-adds
 # --------------------------------------------------------------------------------------
 def test_cpu_dropout_mask_rate_scale_and_seed():
-    from sandbox.dropout import dropout
+    from sandbox.fast.dropout import dropout
 
     x = torch.ones(512, 1024)
     torch.manual_seed(0)
@@ -161,7 +166,7 @@ def test_cpu_dropout_mask_rate_scale_and_seed():
 
 
 def test_cpu_dropout_gradient_uses_the_forward_mask():
-    from sandbox.dropout import dropout
+    from sandbox.fast.dropout import dropout
 
     x = torch.randn(300, 70, requires_grad=True)
     y = dropout(x, 0.3)
@@ -171,17 +176,21 @@ def test_cpu_dropout_gradient_uses_the_forward_mask():
 
 
 def test_transformer_blocks_use_the_cpu_dropout():
-    from sandbox.dropout import Dropout
+    from sandbox.fast.dropout import Dropout
 
     tr = MARTransformer(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32,
                                   decoder_depth=1, decoder_heads=2, proj_dropout=0.2), 16, 5, 4)
     drops = [m for m in tr.modules() if isinstance(m, torch.nn.Dropout)]
-    assert drops and all(type(m) is Dropout for m in drops)
+    assert drops and all(type(m) is torch.nn.Dropout for m in drops)  # built plain
+    fast.apply(tr)
+    assert all(type(m) is Dropout for m in drops)
+    fast.apply(tr, enabled=False)
+    assert all(type(m) is torch.nn.Dropout for m in drops)
     assert {m.p for m in drops} == {0.2, 0.1}  # proj/MLP 0.2, attention 0.1: p kept
 
 
 def test_explicit_attention_equals_sdpa():
-    from sandbox.mar import explicit_attention
+    from sandbox.fast.attention import explicit_attention
 
     g = torch.Generator().manual_seed(0)
     for B, H, Tq, T, d in ((5, 2, 9, 9, 8), (7, 3, 4, 30, 16), (2, 1, 1, 1, 4)):
@@ -194,19 +203,19 @@ def test_explicit_attention_equals_sdpa():
 def test_mar_attention_matches_timm_on_short_and_long_sequences():
     from timm.layers import Attention
 
-    from sandbox.mar import MARAttention
+    from sandbox.fast.attention import FastAttention
 
-    ours, ref = MARAttention(32, num_heads=4).eval(), Attention(32, num_heads=4).eval()
+    ours, ref = FastAttention(32, num_heads=4).eval(), Attention(32, num_heads=4).eval()
     ref.load_state_dict(ours.state_dict())
     g = torch.Generator().manual_seed(0)
-    for T in (20, MARAttention.cpu_explicit_max_keys + 40):  # explicit path, then SDPA's kernel
+    for T in (20, FastAttention.cpu_explicit_max_keys + 40):  # explicit path, then SDPA's kernel
         x = torch.randn(3, T, 32, generator=g)
         with torch.no_grad():
             assert (ours(x) - ref(x)).abs().max() < 1e-5
 
 
 def test_fused_training_head_equals_the_official_order():
-    head = randomized(DiffusionHead(6, 16, width=24, depth=2))
+    head = fast.apply(randomized(DiffusionHead(6, 16, width=24, depth=2)))
     x, t, z = torch.randn(50, 6), torch.randint(0, 1000, (50,)), torch.randn(50, 16)
     with torch.no_grad():
         official = head.net(x, t, z)  # eval: the official order of operations
@@ -215,8 +224,8 @@ def test_fused_training_head_equals_the_official_order():
 
 
 def test_fused_residual_block_gradients():
-    from sandbox.adaln_fused import fused_res_block
-    from sandbox.layers import ResBlock
+    from sandbox.core.adaln_mlp import ResBlock
+    from sandbox.fast.adaln import fused_res_block
 
     block = randomized(ResBlock(12).double())
     with torch.no_grad():
@@ -236,7 +245,7 @@ def test_fused_residual_block_gradients():
 
 
 def test_keep_freed_memory_opt_out(monkeypatch):
-    from sandbox.allocator import keep_freed_memory
+    from sandbox.fast.allocator import keep_freed_memory
 
     monkeypatch.setenv("SANDBOX_MALLOC", "default")
     assert keep_freed_memory() is False
@@ -246,7 +255,7 @@ def test_keep_freed_memory_opt_out(monkeypatch):
 
 
 def test_explicit_attention_dropout_is_seeded_and_chunk_independent():
-    from sandbox.mar import explicit_attention
+    from sandbox.fast.attention import explicit_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(6, 2, 10, 8, generator=g) for _ in range(3))
@@ -260,13 +269,13 @@ def test_explicit_attention_dropout_is_seeded_and_chunk_independent():
 
 
 def test_cpu_kernels_step_aside_under_torch_compile():
-    from sandbox.layers import ResBlock
-    from sandbox.model import MAR
+    from sandbox.core.adaln_mlp import ResBlock
+    from sandbox.core.model import MAR
 
     torch.manual_seed(0)
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
                     decoder_heads=2, buffer_size=2)
-    model = MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=1)).train()
+    model = fast.apply(MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=1))).train()
     for blk in list(model.transformer.encoder_blocks) + list(model.transformer.decoder_blocks):
         blk.compile(backend="aot_eager", dynamic=True)  # traced like inductor, without a C++ compiler
     for block in model.head.net.res_blocks:
@@ -277,3 +286,46 @@ def test_cpu_kernels_step_aside_under_torch_compile():
     loss = model(seq, RandomOrdering((4, 4)).training_split(seq, g), torch.arange(3), g)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.head.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# The whole model: sandbox.fast.apply against the plain PyTorch model
+# --------------------------------------------------------------------------------------
+def _twins():
+    """A plain MAR with random weights and its copy with the speed paths on (no dropout: the CPU masks draw
+    other random numbers than nn.Dropout, by design)."""
+    from sandbox.core.model import MAR
+
+    torch.manual_seed(0)
+    cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
+                    decoder_heads=2, buffer_size=2, attn_dropout=0.0, proj_dropout=0.0)
+    plain = randomized(MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=2, x0_clip=1.0,
+                                                                        num_sampling_steps=5)))
+    return plain, fast.apply(copy.deepcopy(plain))
+
+
+def test_fast_paths_train_like_the_plain_model():
+    plain, quick = _twins()
+    assert type(quick.transformer) is not type(plain.transformer)  # the twin classes are in place
+    seq, labels = torch.randn(6, 16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(6) % 4
+    losses, grads = [], []
+    for model in (plain, quick):
+        model.train()
+        g = torch.Generator().manual_seed(2)
+        loss = model(seq, RandomOrdering((4, 4)).training_split(seq, g), labels, g)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert (losses[0] - losses[1]).abs() <= 1e-5 * losses[0].abs()  # measured: ~1e-7 relative
+    for name, g in grads[0].items():
+        assert (g - grads[1][name]).abs().max() <= 1e-4 * (1 + g.abs().max()), name
+
+
+def test_fast_paths_sample_like_the_plain_model():
+    from sandbox.core.sampling import sample_tokens
+
+    plain, quick = _twins()
+    out = [sample_tokens(m.eval(), RandomOrdering((4, 4)), 5, torch.arange(8) % 4, num_iter=4, cfg=2.0,
+                         generator=torch.Generator().manual_seed(3)) for m in (plain, quick)]
+    assert torch.isfinite(out[0]).all()
+    assert (out[0] - out[1]).abs().max() < 1e-4  # x0 clipped to [-1, 1]: rounding stays small (measured ~1e-6)

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import REPO
-from sandbox import registry
+
 from sandbox.cli import main
+from sandbox.config import registry
 from sandbox.testing import check_head
 
 GUIDE = REPO / "docs" / "writing-plugins.md"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, TINY_RECIPE
-from plugins.heads.diffusion import DiffusionHead
-from plugins.heads.flow import FlowHead, shift_time
+
+from sandbox.plugins.heads.diffusion import DiffusionHead
+from sandbox.plugins.heads.flow import FlowHead, shift_time
 from sandbox.testing import check_head
 
 # diffusers 0.42 builds a numpy array from a tensor in DPMSolverMultistepScheduler.set_timesteps (harmless)
@@ -211,8 +211,8 @@ def test_x_prediction_velocity_is_exact_for_the_true_token():
 # The sampler is a sampling-time choice: `sandbox sample/eval --head_args` switches it on a trained run.
 # --------------------------------------------------------------------------------------
 def tiny_run(tmp_path, head: dict):
-    from sandbox.recipe import recipe_parser
-    from sandbox.train import train
+    from sandbox.config.recipe import recipe_parser
+    from sandbox.run.trainer import train
 
     recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
     recipe["head"] = head
@@ -234,10 +234,10 @@ def test_head_args_switch_the_sampler_of_a_trained_run(tmp_path, capsys, head, s
     import numpy as np
 
     from sandbox.cli import main
-    from sandbox.train import load_run
+    from sandbox.run.loading import load_run
 
     run = tiny_run(tmp_path, head)
-    exp, _, _ = load_run(run, head_args=yaml.safe_load(switch))
+    exp = load_run(run, head_args=yaml.safe_load(switch)).exp
     assert exp.model.head.sampler == yaml.safe_load(switch)["sampler"]
     out = tmp_path / "s.npz"
     assert main(["sample", "--run_dir", str(run), "--num_images", "4", "--num_iter", "2", "--progress", "false",
@@ -271,8 +271,9 @@ def test_eval_with_head_args_scores_its_own_samples(tmp_path, capsys):
 
 @pytest.mark.parametrize("recipe", ["quickstart_flow.yaml", "pixels_digits32_xpred.yaml"])
 def test_recipes_build(recipe):
-    from sandbox.cli import expand_bases
-    from sandbox.recipe import build, recipe_parser
+    from sandbox.config.build import build
+    from sandbox.config.files import expand_bases
+    from sandbox.config.recipe import recipe_parser
 
     def parse(name):
         return recipe_parser().parse_args(expand_bases(["--config", str(REPO / "recipes" / name)]))

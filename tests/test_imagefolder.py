@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from plugins.datasets.imagefolder import ImageFolderDataset, center_crop
 from sandbox.errors import UserError
+from sandbox.plugins.datasets.imagefolder import ImageFolderDataset, center_crop
 
 
 @pytest.fixture

@@ -7,14 +7,19 @@ import argparse
 import numpy as np
 import pytest
 import torch
-
 from conftest import fixture_files
-from sandbox.checkpoint import RunDir
+
 from sandbox.cli import main
+from sandbox.core.transformer import MARTransformer
 from sandbox.errors import UserError
-from sandbox.mar import MARTransformer
-from sandbox.official import FACTORIES, load_official_checkpoint, mar_config, official_architecture, \
-    to_official_state_dict
+from sandbox.lab.official import (
+    FACTORIES,
+    load_official_checkpoint,
+    mar_config,
+    official_architecture,
+    to_official_state_dict,
+)
+from sandbox.run.rundir import RunDir
 
 
 def _fixtures():

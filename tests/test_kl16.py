@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import fixture_files
-from plugins.tokenizers.kl16 import SCALE, KL16Tokenizer, ldm_to_diffusers
+
 from sandbox.errors import UserError
+from sandbox.plugins.tokenizers.kl16 import SCALE, KL16Tokenizer, ldm_to_diffusers
 
 
 @pytest.fixture(scope="module")

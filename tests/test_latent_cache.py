@@ -8,14 +8,17 @@ import pytest
 import torch
 import yaml
 
-from plugins.datasets.cached import CachedDataset
-from plugins.datasets.imagefolder import ImageFolderDataset, write_example_folder
-from plugins.tokenizers.kl16 import KL16Tokenizer
-from plugins.tokenizers.pixels import PixelTokenizer
-from sandbox.checkpoint import RunDir
 from sandbox.cli import main
 from sandbox.errors import UserError
-from sandbox.latent_cache import LatentCache, write_cache
+from sandbox.lab.latent_cache import LatentCache, write_cache
+from sandbox.plugins.datasets.cached import CachedDataset
+from sandbox.plugins.datasets.imagefolder import (
+    ImageFolderDataset,
+    write_example_folder,
+)
+from sandbox.plugins.tokenizers.kl16 import KL16Tokenizer
+from sandbox.plugins.tokenizers.pixels import PixelTokenizer
+from sandbox.run.rundir import RunDir
 
 # 32 px images -> a 2 x 2 grid of 16-dim KL-16 tokens; a 32-channel KL-16 with random weights (seed 0)
 RECIPE = {

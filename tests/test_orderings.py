@@ -7,17 +7,20 @@ import copy
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, TINY_RECIPE
-from plugins.orderings.multiscale import MultiscaleOrdering, default_scales, downsample, upsample
-from plugins.orderings.random import RandomOrdering
-from plugins.orderings.raster import RasterOrdering
+
+from sandbox.config.build import build
+from sandbox.config.recipe import recipe_parser
+from sandbox.core.contracts import SampleStep, TrainingSplit
+from sandbox.core.sampling import generate
+from sandbox.core.schedules import cosine_schedule
 from sandbox.errors import UserError
-from sandbox.generate import generate
-from sandbox.recipe import build, recipe_parser
-from sandbox.kinds import TrainingSplit
+from sandbox.plugins.orderings.multiscale import MultiscaleOrdering, default_scales, downsample, upsample
+from sandbox.plugins.orderings.random import RandomOrdering
+from sandbox.plugins.orderings.raster import RasterOrdering
+from sandbox.run.loading import load_run
+from sandbox.run.trainer import train
 from sandbox.testing import ContractError, check_ordering
-from sandbox.train import load_run, train
 
 VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR's ImageNet-256 list (VAR sec. 4)
 
@@ -180,6 +183,119 @@ def test_scales_are_checked_against_the_token_grid():
 
 
 # --------------------------------------------------------------------------------------
+# Known positions (editing: inpainting, outpainting, variations, super-resolution)
+# --------------------------------------------------------------------------------------
+class _IgnoresKnown(RandomOrdering):
+    """(Leading underscore: a broken test double.) Plans every position whatever is known."""
+
+    def sampling_plan(self, batch, num_iter, generator=None, device="cpu", known=None):
+        return super().sampling_plan(batch, num_iter, generator, device)
+
+
+class _AcceptsUnevenRows(RasterOrdering):
+    """(Leading underscore: a broken test double.) Plans rows with different unknown counts instead of refusing."""
+
+    def sampling_plan(self, batch, num_iter, generator=None, device="cpu", known=None):
+        if known is not None and len(set((~known).sum(1).tolist())) > 1:
+            return [SampleStep(predict=~known, progress=1.0)]
+        return super().sampling_plan(batch, num_iter, generator, device, known=known)
+
+
+def test_the_kit_refuses_plans_that_ignore_known_or_accept_uneven_rows():
+    with pytest.raises(ContractError, match="predicts .* known .* exactly the unknown positions"):
+        check_ordering(_IgnoresKnown)
+    with pytest.raises(ContractError, match="raise ValueError naming the counts"):
+        check_ordering(_AcceptsUnevenRows, mask_ratio="uniform")
+
+
+@pytest.mark.parametrize("ordering", [RandomOrdering((4, 4)), RasterOrdering((4, 4))], ids=["random", "raster"])
+def test_rows_with_different_unknown_counts_are_a_value_error_naming_them(ordering):
+    known = torch.zeros(3, 16, dtype=torch.bool)
+    known[1, :2] = True
+    with pytest.raises(ValueError, match=r"\[16, 14, 16\] unknown positions"):
+        ordering.sampling_plan(3, 4, known=known)
+
+
+def test_random_progress_is_the_fraction_of_the_sequence_fixed_known_included():
+    o, L = RandomOrdering((4, 4)), 16
+    known = torch.zeros(2, L, dtype=torch.bool)
+    known[0, :6], known[1, 10:] = True, True  # 6 known, 10 to predict in each row
+    plan = o.sampling_plan(2, 4, torch.Generator().manual_seed(0), known=known)
+    fixed = 6
+    for step in plan[:-1]:
+        fixed += int(step.predict[0].sum())
+        assert step.progress == fixed / L  # the state a plain plan's step with as many tokens fixed is in
+    assert plan[-1].progress == (L - 1) / L  # MAR's clamp of the masked count (schedules.py), as without known
+    assert [int(s.predict[0].sum()) for s in plan] == [r for r, _ in cosine_schedule(10, 4)]  # cosine over 10
+
+
+def test_raster_predicts_unknown_positions_in_raster_order_for_any_known_set():
+    known = torch.zeros(2, 16, dtype=torch.bool)
+    known[0, [0, 5, 6, 15]] = True  # not a prefix
+    known[1, [1, 2, 3, 4]] = True
+    plan = RasterOrdering((4, 4)).sampling_plan(2, 12, known=known)  # one token per step
+    for row in range(2):
+        order = [int(s.predict[row].nonzero()) for s in plan]
+        assert order == sorted(order) == (~known[row]).nonzero().flatten().tolist()
+
+
+def test_multiscale_super_resolution_skips_known_coarse_scales():
+    o = MultiscaleOrdering((8, 8), scale_steps=[1, 1, 2, 3])  # scales 1, 2, 4, 8
+    groups = o.groups()
+    known = (groups < 2).expand(2, -1).clone()  # a 2x2 low-resolution image fixes scales 1 and 2
+    plain = o.sampling_plan(2, 1, torch.Generator().manual_seed(0))
+    plan = o.sampling_plan(2, 1, torch.Generator().manual_seed(0), known=known)
+    assert [int(groups[s.predict[0]].unique()) for s in plan] == [2, 2, 3, 3, 3]
+    assert [s.progress for s in plan] == [s.progress for s in plain[2:]]  # guided as the plain plan's steps
+    assert all(torch.equal(a.predict, b.predict) for a, b in zip(plan, plain[2:]))  # the same random orders
+    partial = known.clone()
+    partial[:, o.offsets[3] : o.offsets[3] + 40] = True  # the finest scale: 24 of its 64 positions unknown
+    steps = o.sampling_plan(2, 1, torch.Generator().manual_seed(0), known=partial)
+    fine = [int(s.predict[0].sum()) for s in steps if int(groups[s.predict[0]].max()) == 3]
+    assert fine == [r for r, _ in cosine_schedule(24, 3)] and steps[-1].progress == 1.0
+
+
+def test_multiscale_rows_need_equal_unknown_counts_within_each_scale():
+    o = MultiscaleOrdering((4, 4))  # scales 1, 2, 4
+    known = torch.zeros(2, o.seq_len, dtype=torch.bool)
+    known[0, 1], known[1, 5] = True, True  # one known position per row, but in different scales
+    with pytest.raises(ValueError, match=r"scale 2x2: \[3, 4\]; scale 4x4: \[16, 15\]"):
+        o.sampling_plan(2, 1, known=known)
+
+
+def _covered_cells(size: int, out: int, i: int) -> range:
+    """Cells of a length-``size`` axis that area downsampling to ``out`` averages into cell i (adaptive pooling)."""
+    return range(i * size // out, -(-(i + 1) * size // out))
+
+
+@pytest.mark.parametrize("grid, scales", [((4, 4), [1, 2, 4]), ((13, 13), None), ((4, 6), [[1, 2], [3, 4], [4, 6]])])
+@pytest.mark.parametrize("residual", [False, True])
+def test_multiscale_known_from_grid_needs_every_covered_cell(grid, scales, residual):
+    o = MultiscaleOrdering(grid, scales=scales, residual=residual)
+    grid_known = torch.rand(2, *grid, generator=torch.Generator().manual_seed(0)) < 0.8  # (B, h, w)
+    known = o.known_from_grid(grid_known)
+    expect = torch.tensor([[bool(grid_known[b][_covered_cells(grid[0], h, i)][:, _covered_cells(grid[1], w, j)].all())
+                            for h, w in o.scales for i in range(h) for j in range(w)] for b in range(2)])  # (B, L)
+    assert torch.equal(known, expect)
+    assert torch.equal(known[:, o.offsets[-1] :], grid_known.flatten(1))  # the finest scale is the mask itself
+
+
+@pytest.mark.parametrize("ordering", [RandomOrdering((4, 4)), MultiscaleOrdering((4, 4)),
+                                      MultiscaleOrdering((6, 6), scales=[1, 4, 6])], ids=["flat", "plain", "overlap"])
+def test_known_positions_do_not_depend_on_unknown_cells(ordering):
+    """Flat orderings and plain scales: changing the grid at unknown cells leaves every known position as it was."""
+    h, w = ordering.grid
+    g = torch.Generator().manual_seed(0)
+    grid_known = torch.ones(2, h, w, dtype=torch.bool)
+    grid_known[:, h // 2 :, : w // 2] = False
+    x = torch.randn(2, 3, h, w, generator=g)
+    y = torch.where(grid_known[:, None], x, torch.randn(2, 3, h, w, generator=g))
+    known = ordering.known_from_grid(grid_known)
+    assert known.any() and not known.all()
+    assert torch.equal(ordering.to_sequence(x)[known], ordering.to_sequence(y)[known])
+
+
+# --------------------------------------------------------------------------------------
 # End to end: tiny train -> sample per ordering, through the shared cores
 # --------------------------------------------------------------------------------------
 def tiny_recipe(tmp_path, ordering: dict):
@@ -204,7 +320,7 @@ ORDERING_IDS = ["random", "raster", "multiscale", "multiscale-residual"]
 def test_training_masks_agree_with_the_split(tmp_path, ordering):
     """Through the training core: the encoder gets exactly the split's visible positions and inputs, the head
     exactly the targets of the positions with loss weight, and no loss position shows its own target."""
-    from sandbox.train import training_loss
+    from sandbox.core.training import training_loss
 
     exp = build(tiny_recipe(tmp_path, ordering))
     seen = {}
@@ -250,7 +366,8 @@ def test_training_masks_agree_with_the_split(tmp_path, ordering):
 def test_train_and_sample_each_ordering(tmp_path, ordering):
     summary = train(tiny_recipe(tmp_path, ordering), tmp_path / "run", progress=False)
     assert summary["step"] == 4
-    exp, model, _ = load_run(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    exp, model = loaded.exp, loaded.model
     assert type(exp.ordering).__name__ == ordering["class_path"]
     states = []
     images = generate(exp, torch.arange(3), num_iter=3, cfg=2.0, model=model,
@@ -266,7 +383,7 @@ def test_train_and_sample_each_ordering(tmp_path, ordering):
 
 
 def test_quickstart_recipes_are_the_quickstart_with_another_ordering(tmp_path):
-    from sandbox.cli import expand_bases
+    from sandbox.config.files import expand_bases
 
     def parse(name):
         return recipe_parser().parse_args(expand_bases(["--config", str(REPO / "recipes" / f"{name}.yaml")]))
@@ -309,7 +426,7 @@ def test_bad_scales_are_one_error_line(tmp_path, capsys):
 
 def test_multiscale_preview_goes_scale_by_scale():
     """Animations (sandbox sample --animate) show the finest known scale, upsampled: one picture per scale."""
-    from plugins.orderings.multiscale import MultiscaleOrdering
+    from sandbox.plugins.orderings.multiscale import MultiscaleOrdering
 
     o = MultiscaleOrdering((8, 8))  # scales 1, 2, 4, 8
     seq = o.to_sequence(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import parity_fixture_dir
-from sandbox.kinds import Tokenizer
-from sandbox.official import build_model, convert_state_dict, to_official_state_dict
-from sandbox.schedules import cosine_schedule
-from plugins.orderings.random import RandomOrdering
+
+from sandbox.core.contracts import Tokenizer
+from sandbox.core.schedules import cosine_schedule
+from sandbox.lab.official import build_model, convert_state_dict, to_official_state_dict
+from sandbox.plugins.orderings.random import RandomOrdering
 
 pytestmark = pytest.mark.parity
 ATOL = 1e-5

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_RECIPE
 from PIL import Image
 
-from conftest import TINY_RECIPE
-from sandbox.animate import CAPTION_HEIGHT, caption_frame
-from sandbox.images import class_grid, class_layout, save_gif
+from sandbox.images.animation import CAPTION_HEIGHT, caption_frame
+from sandbox.images.grids import class_grid, class_layout, save_gif
 
 
 def test_class_grid_has_one_row_per_class():
@@ -54,11 +54,13 @@ def test_gif_keeps_a_frame_for_every_step_even_when_nothing_changes(tmp_path):
 
 def test_gif_frames_follow_the_ordering(tiny_run):
     """Every step of the plan makes a frame in which exactly the known tokens are drawn (random ordering)."""
-    from sandbox.animate import FrameRecorder, preview_images
-    from sandbox.generate import generate
-    from sandbox.train import load_run
+    from sandbox.core.sampling import generate
+    from sandbox.images.animation import FrameRecorder, preview_images
+    from sandbox.run.loading import load_run
 
-    exp, model, _ = load_run(tiny_run, device="cpu")
+    loaded = load_run(tiny_run, device="cpu")
+
+    exp, model = loaded.exp, loaded.model
     labels = torch.arange(4)
     seen = []
     recorder = FrameRecorder(exp, labels)
@@ -78,7 +80,7 @@ def test_loss_curve_after_training(tiny_run):
 
 
 def parse_tiny(tmp_path, **train):
-    from sandbox.recipe import recipe_parser
+    from sandbox.config.recipe import recipe_parser
 
     recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
     recipe["train"].update(train)
@@ -88,7 +90,7 @@ def parse_tiny(tmp_path, **train):
 
 def test_tensorboard_logs_scalars_and_grids(tmp_path):
     pytest.importorskip("tensorboard")
-    from sandbox.train import train
+    from sandbox.run.trainer import train
 
     train(parse_tiny(tmp_path, steps=2, tensorboard=True), tmp_path / "run", progress=False)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
@@ -103,7 +105,7 @@ def test_tensorboard_logs_scalars_and_grids(tmp_path):
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     from sandbox.errors import UserError
-    from sandbox.train import train
+    from sandbox.run.trainer import train
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"mar-sandbox\[tensorboard\]"):
@@ -149,7 +151,7 @@ def test_eval_tokenizer_without_the_lpips_trunk(sandbox_cli, tiny_recipe, tmp_pa
 
 
 def test_reconstruction_scores_of_a_lossy_reconstruction():
-    from sandbox.reconstruction import load_lpips, reconstruction_scores, summarize
+    from sandbox.eval.reconstruction import load_lpips, reconstruction_scores, summarize
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, TINY_RECIPE
-from sandbox import registry
-from sandbox.commands.new_plugin import SLOT
-from sandbox.kinds import Head
+
+from sandbox.cli.new_plugin import SLOT
+from sandbox.config import registry
+from sandbox.core.contracts import Head
 
 HEAD_FILE = '''
 import torch
-from sandbox.kinds import Head
+from sandbox.core.contracts import Head
 
 
 class {name}(Head):
@@ -169,7 +169,7 @@ def test_name_clash_names_both_sources(cli, tmp_path):
 
 def test_name_clash_with_a_builtin(cli, tmp_path):
     shadow = write_head(tmp_path / "shadow.py", "DiffusionHead")
-    user_error(cli("plugins", "--plugin", shadow), "plugins.heads.diffusion.DiffusionHead (built-in)",
+    user_error(cli("plugins", "--plugin", shadow), "sandbox.plugins.heads.diffusion.DiffusionHead (built-in)",
                f"sandbox_plugin_shadow.DiffusionHead (file {shadow.resolve()})")
 
 
@@ -270,7 +270,7 @@ def test_new_plugin_skeleton_passes_its_own_contract_test_and_trains(cli, tmp_pa
 # The contract kit fails, precisely, on a broken plugin of each kind
 # ----------------------------------------------------------------------------------------
 def _broken_tokenizers():
-    from plugins.tokenizers.pixels import PixelTokenizer
+    from sandbox.plugins.tokenizers.pixels import PixelTokenizer
 
     class HalfDecode(PixelTokenizer):
         def decode(self, latent):
@@ -291,7 +291,7 @@ def _broken_tokenizers():
 
 
 def _broken_orderings():
-    from plugins.orderings.random import RandomOrdering
+    from sandbox.plugins.orderings.random import RandomOrdering
 
     class Twice(RandomOrdering):
         def sampling_plan(self, batch, num_iter, generator=None, device="cpu"):
@@ -313,7 +313,7 @@ def _broken_orderings():
 
 
 def _broken_heads():
-    from plugins.heads.diffusion import DiffusionHead
+    from sandbox.plugins.heads.diffusion import DiffusionHead
 
     class NotPerRow(DiffusionHead):
         def loss(self, target, cond, generator=None):
@@ -338,7 +338,7 @@ def _broken_heads():
 
 
 def _broken_datasets():
-    from plugins.datasets.digits import DigitsDataset
+    from sandbox.plugins.datasets.digits import DigitsDataset
 
     class Bytes(DigitsDataset):
         def __getitem__(self, index):

@@ -24,16 +24,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-
-import sandbox.checkpoint as checkpoint_module
-import sandbox.train as train_module
 from conftest import REPO, TINY_RECIPE
-from sandbox.checkpoint import RunDir, UnsafeCheckpointError, load_checkpoint
+
+import sandbox.run.files as files_module
+import sandbox.run.rundir as rundir_module
+import sandbox.run.data as data_module
+import sandbox.run.trainer as train_module
 from sandbox.cli import main as cli_main
+from sandbox.config.recipe import recipe_parser
 from sandbox.errors import UserError
-from sandbox.recipe import recipe_parser
-from sandbox.reliability import TrainingDiverged
-from sandbox.train import train
+from sandbox.run.checkpoints import UnsafeCheckpointError, load_checkpoint
+from sandbox.run.guards import TrainingDiverged
+from sandbox.run.rundir import RunDir
+from sandbox.run.trainer import train
 
 
 def recipe_file(tmp_path, **train_overrides):
@@ -113,7 +116,7 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, 
     class Killed(BaseException):
         pass
 
-    real, writes = checkpoint_module._write_file, []
+    real, writes = files_module._write_file, []
 
     def dies_on_second_checkpoint(path, data):
         writes.append(path.name)
@@ -122,14 +125,14 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, 
             raise Killed
         real(path, data)
 
-    monkeypatch.setattr(checkpoint_module, "_write_file", dies_on_second_checkpoint)
+    monkeypatch.setattr(files_module, "_write_file", dies_on_second_checkpoint)
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train(parse(tmp_path), run, progress=False)
     ckpts = RunDir(run).ckpt_dir
     assert [p.name for p in ckpts.glob(".*.tmp*")] == [f".checkpoint-last.pt.tmp{os.getpid()}"]  # the torn write
     assert state_of(run)["step"] == 3
-    monkeypatch.setattr(checkpoint_module, "_write_file", real)
+    monkeypatch.setattr(files_module, "_write_file", real)
     train(parse(tmp_path), run, progress=False)
     assert not list(ckpts.glob(".*.tmp*"))  # the dead writer's temporary file is cleaned up
     assert_same_state(state_of(run), reference)
@@ -211,7 +214,7 @@ def test_loader_workers_ignore_stop_signals():
     """Ctrl-C reaches every process of the group; workers must leave the stop to the main process."""
     ds = torch.utils.data.TensorDataset(torch.zeros(4, 1))
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
-                                         worker_init_fn=train_module._ignore_stop_signals,
+                                         worker_init_fn=data_module._ignore_stop_signals,
                                          collate_fn=lambda _: (signal.getsignal(signal.SIGINT),
                                                                signal.getsignal(signal.SIGTERM)))
     assert next(iter(loader)) == (signal.SIG_IGN, signal.SIG_IGN)
@@ -267,7 +270,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_last_good_checkpoin
 def test_fp32_head_under_bf16_autocast(tmp_path, monkeypatch):
     """train.head_fp32: the head's loss (training) and sampling (the final grid) run in fp32 with autocast
     off, inside the bf16 autocast region of the rest of the model."""
-    from plugins.heads.diffusion import DiffusionHead
+    from sandbox.plugins.heads.diffusion import DiffusionHead
 
     seen, real_loss, real_sample = [], DiffusionHead.loss, DiffusionHead.sample
 
@@ -339,7 +342,7 @@ def test_the_allowlist_is_explicit(tmp_path):
 
 
 def test_every_checkpoint_load_goes_through_the_safe_loader():
-    """The source itself: torch.load appears only in sandbox/checkpoint.py, and there with weights_only=True."""
+    """The source itself: torch.load appears only in sandbox/run/checkpoints.py, and there with weights_only=True."""
     offenders = []
     for path in [*(REPO / "sandbox").rglob("*.py"), *(REPO / "plugins").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -347,9 +350,9 @@ def test_every_checkpoint_load_goes_through_the_safe_loader():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 kw = {k.arg: k.value for k in node.keywords}
                 safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
-                if path != REPO / "sandbox" / "checkpoint.py" or not safe:
+                if path != REPO / "sandbox" / "run" / "checkpoints.py" or not safe:
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
-    assert not offenders, f"torch.load outside sandbox.checkpoint.load_checkpoint: {offenders}"
+    assert not offenders, f"torch.load outside sandbox.run.checkpoints.load_checkpoint: {offenders}"
 
 
 # ----------------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def test_unwritable_run_directory_is_detected_before_training(tmp_path, capsys, 
     code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", tmp_path / "file" / "run")
     one_error_line(code, err, "is not writable", "Not a directory")
 
-    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr(rundir_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", tmp_path / "run")
     one_error_line(code, err, "not enough disk space", "MiB free")
     assert not (tmp_path / "run").exists()
@@ -372,7 +375,7 @@ def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, reference, mo
     """The disk fills up during the second checkpoint: half the bytes are written, then ENOSPC (patched
     into the one function that writes files). The error surfaces as one line, the temporary file is gone,
     the step-3 checkpoint is byte-identical and loads, and the run resumes exactly."""
-    real, writes = checkpoint_module._write_file, []
+    real, writes = files_module._write_file, []
 
     def disk_fills(path, data):
         writes.append(path.name)
@@ -390,7 +393,7 @@ def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, reference, mo
             before.update(last=self.last.read_bytes())
         return real_save(self, ckpt, step, keep, best)
 
-    monkeypatch.setattr(checkpoint_module, "_write_file", disk_fills)
+    monkeypatch.setattr(files_module, "_write_file", disk_fills)
     monkeypatch.setattr(RunDir, "save", remember)
     code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", run)
     one_error_line(code, err, "could not save the step-6 checkpoint", "No space left on device",
@@ -441,7 +444,7 @@ def broken_image_folder(root):
 
 
 def test_broken_images_are_converted_or_skipped_and_counted_never_crash(tmp_path, capsys):
-    from plugins.datasets.imagefolder import ImageFolderDataset
+    from sandbox.plugins.datasets.imagefolder import ImageFolderDataset
 
     converted, skipped = broken_image_folder(tmp_path / "images")
     ds = ImageFolderDataset(str(tmp_path / "images"), image_size=8)

@@ -9,16 +9,16 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, TINY_RECIPE
-from plugins.heads.diffusion import DiffusionHead
-from plugins.tokenizers.diffusers_vae import DiffusersVAETokenizer
-from sandbox.checkpoint import RunDir
+
 from sandbox.cli import main
-from sandbox.diagnostics import head_width_warning, latent_std_warning
 from sandbox.errors import UserError
-from sandbox.metrics import psnr
-from sandbox.train_tokenizer import LossConfig, _Losses, load_lpips
+from sandbox.eval.diagnostics import head_width_warning, latent_std_warning
+from sandbox.eval.reconstruction import psnr
+from sandbox.lab.tokenizer_training import LossConfig, _Losses, load_lpips
+from sandbox.plugins.heads.diffusion import DiffusionHead
+from sandbox.plugins.tokenizers.diffusers_vae import DiffusersVAETokenizer
+from sandbox.run.rundir import RunDir
 
 
 def tiny_vae(**config):
@@ -71,7 +71,7 @@ def test_missing_or_wrong_folder_is_one_clear_error(tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 GAUSSIAN_TOKENIZER = '''
 import torch
-from sandbox.kinds import Tokenizer
+from sandbox.core.contracts import Tokenizer
 
 class LabGaussianTokenizer(Tokenizer):
     """Synthetic latents N(0.3, 2.5^2), whatever the image: a known distribution to calibrate."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_RECIPE
+
+from sandbox.config.recipe import recipe_parser
 from sandbox.errors import UserError
-from sandbox.checkpoint import RunDir
-from sandbox.generate import generate_many
-from sandbox.recipe import recipe_parser
-from sandbox.train import load_run, train
+from sandbox.eval.samples import generate_many
+from sandbox.run.loading import load_run
+from sandbox.run.rundir import RunDir
+from sandbox.run.trainer import train
 
 
 def parse(tmp_path, **train_overrides):
@@ -47,7 +48,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_seed_fixes_samples(tmp_path):
     train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
-    exp, model, _ = load_run(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    exp, model = loaded.exp, loaded.model
     labels = torch.arange(4)
     a = generate_many(exp, labels, batch_size=4, seed=3, model=model, num_iter=3)
     b = generate_many(exp, labels, batch_size=4, seed=3, model=model, num_iter=3)
@@ -85,7 +87,7 @@ def test_a_complete_run_is_reported_and_left_as_it_is(tmp_path, capsys):
 
 
 def test_a_run_without_its_end_work_does_it_when_rerun(tmp_path):
-    from sandbox.train import finished
+    from sandbox.run.resume import finished
 
     train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
     run = RunDir(tmp_path / "run")
@@ -99,7 +101,7 @@ def test_a_run_without_its_end_work_does_it_when_rerun(tmp_path):
 
 
 def test_a_run_directory_recipe_continues_that_run(tmp_path, monkeypatch):
-    from sandbox.commands.train import default_run_dir
+    from sandbox.cli.train import default_run_dir
 
     monkeypatch.chdir(tmp_path)
     train(parse(tmp_path, steps=2), tmp_path / "runs" / "r", progress=False)

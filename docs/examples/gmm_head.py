@@ -15,13 +15,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sandbox.kinds import Head
+from sandbox import Head
 
 
 class GMMHead(Head):
     """Mixture of K diagonal Gaussians per token (GIVT): exact likelihood, one-shot sampling."""
 
     contract_args = {"num_components": 3, "width": 16}  # tiny, for sandbox.testing.check_head
+    has_nll = True  # exact: the mixture's density
 
     def __init__(
         self,
@@ -44,12 +45,15 @@ class GMMHead(Head):
         std = nn.functional.softplus(raw_std) + self.min_std  # (N, K*C), > 0
         return logits, mean.unflatten(1, (K, C)), std.unflatten(1, (K, C))
 
-    def loss(self, target: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def nll(self, target: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Exact -log p(x | z) per row (N,), nats summed over the C dims: the mixture's log-density."""
         logits, mean, std = self.mixture(cond)  # (N, K), (N, K, C), (N, K, C)
         z = (target.float()[:, None] - mean) / std  # (N, K, C)
         log_prob = (-0.5 * z**2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)  # (N, K): log N(x; mu_k, s_k)
-        nll = -torch.logsumexp(logits.log_softmax(-1) + log_prob, dim=-1)  # (N,)
-        return nll / self.token_dim  # nats per dimension: the scale does not grow with the token width
+        return -torch.logsumexp(logits.log_softmax(-1) + log_prob, dim=-1)  # (N,)
+
+    def loss(self, target: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.nll(target, cond) / self.token_dim  # nats per dimension: the scale does not grow with the width
 
     @torch.no_grad()
     def sample(self, cond: Tensor, temperature: float = 1.0, cfg: float = 1.0, uncond: Tensor | None = None,

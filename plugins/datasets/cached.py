@@ -17,9 +17,9 @@ import tempfile
 import torch
 from torch import Tensor
 
+from sandbox.core.contracts import Dataset, Tokenizer
 from sandbox.errors import UserError
-from sandbox.kinds import Dataset, Tokenizer
-from sandbox.latent_cache import LatentCache, probe_images, write_cache
+from sandbox.lab.latent_cache import LatentCache, probe_images, write_cache
 
 
 class CachedDataset(Dataset):
@@ -29,8 +29,11 @@ class CachedDataset(Dataset):
 
     @classmethod
     def contract_args(cls) -> dict:  # a tiny cache of the image-folder example, with raw-pixel "moments"
-        from plugins.datasets.imagefolder import ImageFolderDataset, write_example_folder
-        from plugins.tokenizers.pixels import PixelTokenizer
+        from sandbox.plugins.datasets.imagefolder import (
+            ImageFolderDataset,
+            write_example_folder,
+        )
+        from sandbox.plugins.tokenizers.pixels import PixelTokenizer
 
         root = tempfile.mkdtemp(prefix="cached-contract-")
         images = ImageFolderDataset(str(write_example_folder(f"{root}/images", corrupt=False)), image_size=8)
@@ -60,6 +63,11 @@ class CachedDataset(Dataset):
         else:
             pick = torch.zeros(B, dtype=torch.long, device=views.device)
         return views[torch.arange(B, device=views.device), pick]  # (B, P, h, w)
+
+    def latents(self, items: Tensor, tokenizer: Tokenizer, generator: torch.Generator | None = None,
+                sample: bool = True) -> Tensor:
+        """Latents from the stored moments of each row's view (drawn, or their mean): no encoder pass."""
+        return tokenizer.latent_from_moments(self.augment(items, generator), generator, sample=sample)
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         made_by = self.cache.index["recipe"].get("tokenizer", {})

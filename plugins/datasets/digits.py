@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sandbox.kinds import Dataset
+from sandbox.core.contracts import Dataset
 
 
 def load_digits_tensor(image_size: int) -> tuple[Tensor, Tensor]:
@@ -48,6 +48,6 @@ class DigitsDataset(Dataset):
 
     def scorer(self):
         """The offline sample score for this dataset: a small classifier trained on real digits."""
-        from plugins.datasets.digits_classifier import DigitsScorer
+        from sandbox.plugins.datasets.digits_classifier import DigitsScorer
 
         return DigitsScorer(self.image_size)

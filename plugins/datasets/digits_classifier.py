@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugins.datasets.digits import load_digits_tensor
-from sandbox.checkpoint import load_checkpoint
 from sandbox.errors import UserError
+from sandbox.plugins.datasets.digits import load_digits_tensor
+from sandbox.run.checkpoints import load_checkpoint
 from sandbox.weights import cache_dir
 
 SEED = 0  # fixes the split, the initialisation and the data order: one classifier per image size

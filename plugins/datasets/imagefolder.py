@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sandbox.core.contracts import Dataset
 from sandbox.errors import UserError
-from sandbox.kinds import Dataset
 
 # torchvision's ImageFolder extensions, so the same files count as images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

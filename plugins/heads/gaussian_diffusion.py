@@ -23,7 +23,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-
 # the per-step coefficients of the reverse process (``GaussianDiffusion.step_scalars``), in table order
 STEP_COEFFICIENTS = ("log_betas", "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod",
                      "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "nonzero")
@@ -145,22 +144,26 @@ class GaussianDiffusion(nn.Module):
             last = base[i]
         return cls(new_betas, use)
 
-    def _at(self, name: str, t: Tensor) -> Tensor:
-        """Table value per row as a float32 column (N, 1), as the original extracts it."""
-        return getattr(self, name)[t].float()[:, None]
+    def _at(self, name: str, t: Tensor, like: Tensor | None = None) -> Tensor:
+        """Table value per row as a column (N, 1): float32, as the original extracts it, unless ``like`` is
+        float64 (the likelihood computes its bound in float64, ``vb_terms``)."""
+        dtype = torch.float64 if like is not None and like.dtype == torch.float64 else torch.float32
+        return getattr(self, name)[t].to(dtype)[:, None]
 
     # -- forward process ------------------------------------------------------------------
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        return self._at("sqrt_alphas_cumprod", t) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t) * noise
+        return (self._at("sqrt_alphas_cumprod", t, x0) * x0
+                + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._at("posterior_mean_coef1", t) * x0 + self._at("posterior_mean_coef2", t) * xt
-        return mean, self._at("posterior_log_variance_clipped", t)
+        mean = self._at("posterior_mean_coef1", t, xt) * x0 + self._at("posterior_mean_coef2", t, xt) * xt
+        return mean, self._at("posterior_log_variance_clipped", t, xt)
 
     # -- reverse process ------------------------------------------------------------------
     def predict_x0(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return self._at("sqrt_recip_alphas_cumprod", t) * xt - self._at("sqrt_recipm1_alphas_cumprod", t) * eps
+        return (self._at("sqrt_recip_alphas_cumprod", t, xt) * xt
+                - self._at("sqrt_recipm1_alphas_cumprod", t, xt) * eps)
 
     def p_mean_variance(self, eps: Tensor, var_values: Tensor, xt: Tensor, t: Tensor,
                         x0_clip: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,8 +173,8 @@ class GaussianDiffusion(nn.Module):
         frac = (v + 1) / 2 ("learned range"). ``x0_clip`` clamps the predicted x0
         to [-clip, clip]; None keeps the official unclipped behaviour.
         """
-        min_log = self._at("posterior_log_variance_clipped", t)
-        max_log = self._at("log_betas", t)
+        min_log = self._at("posterior_log_variance_clipped", t, xt)
+        max_log = self._at("log_betas", t, xt)
         frac = (var_values + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
         x0 = self.predict_x0(xt, t, eps)
@@ -217,6 +220,31 @@ class GaussianDiffusion(nn.Module):
         nll = -discretized_gaussian_log_likelihood(x0[first], mean[first], 0.5 * log_var[first]).mean(dim=1)
         vb = kl.index_put((first,), nll / math.log(2.0))
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    # -- likelihood (nats, float64) ----------------------------------------------------------
+    def prior_kl(self, x0: Tensor) -> Tensor:
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per row (N,), summed over the C dims (Ho et al. eq. 5). Exact,
+        no noise drawn; ~1e-9 nats for the cosine schedule, whose last alpha_bar is 2.4e-9."""
+        T = torch.full(x0.shape[:1], self.num_steps - 1, dtype=torch.long, device=x0.device)
+        mean = self._at("sqrt_alphas_cumprod", T, x0) * x0  # (N, C)
+        log_var = torch.log1p(-self._at("alphas_cumprod", T, x0))  # (N, 1): log(1 - alpha_bar_T)
+        return normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var)).sum(1)  # (N,)
+
+    def vb_terms(self, eps: Tensor, var_values: Tensor, x0: Tensor, xt: Tensor, t: Tensor,
+                 x0_clip: float | None = None) -> Tensor:
+        """The bound's term at each row's timestep t (M,), in nats summed over the C dims (M,):
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1 and the decoder's -log p(x_0 | x_1) at t = 0.
+
+        Tokens are continuous, so the decoder term is the Gaussian log-density N(x_0; mean, var), not DDPM's
+        8-bit discretised likelihood that ``training_losses`` uses for images in [-1, 1]. Pass float64
+        inputs to compute with the float64 tables throughout (the x_0 formula multiplies eps by
+        1/sqrt(alpha_bar) ~ 2e4 at t = 999).
+        """
+        mean, log_var, _ = self.p_mean_variance(eps, var_values, xt, t, x0_clip)  # (M, C) each
+        true_mean, true_log_var = self.q_posterior(x0, xt, t)  # (M, C), (M, 1)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).sum(1)  # (M,)
+        decoder = 0.5 * (math.log(2 * math.pi) + log_var + (x0 - mean) ** 2 * torch.exp(-log_var)).sum(1)  # (M,)
+        return torch.where(t == 0, decoder, kl)  # (M,)
 
 
 def reverse_step(eps: Tensor, var_values: Tensor, xt: Tensor, c: dict[str, float], noise: Tensor,

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from plugins.orderings.random import random_orders
+from sandbox.core.contracts import Ordering, SampleStep, TrainingSplit
+from sandbox.core.schedules import cosine_schedule
 from sandbox.errors import UserError
-from sandbox.kinds import Ordering, SampleStep, TrainingSplit
-from sandbox.schedules import cosine_schedule
+from sandbox.plugins.orderings.random import random_orders
 
 Scale = tuple[int, int]  # (rows, columns) of one scale of the token grid
 
@@ -233,27 +233,65 @@ class MultiscaleOrdering(Ordering):
 
     # -- sampling ------------------------------------------------------------------------
     def sampling_plan(self, batch: int, num_iter: int, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> list[SampleStep]:
+                      device: torch.device | str = "cpu", known: Tensor | None = None) -> list[SampleStep]:
         """The plan is fixed by ``scales`` and ``scale_steps`` (which training matches); ``num_iter`` is ignored.
 
         ``progress`` counts steps, not tokens, so classifier-free guidance ramps over the scales
         (VAR, FlowAR); counting tokens would leave the coarse scales, which fix the class, unguided.
+
+        With ``known``, a fully known scale is skipped (super-resolution: a low-resolution image fixes the
+        coarse scales) and a partly known one predicts only its unknown positions (cosine counts over them,
+        in at most its configured steps). Skipped steps count as done -- progress = (plain steps - steps
+        left) / plain steps -- so a step is guided as the plain plan's step at that scale, and the last
+        step reaches 1. A split scale draws its random order whatever is known, so the other scales keep
+        the plain plan's orders.
         """
         L, total = self.seq_len, sum(len(c) for c in self.chunks)
-        steps = []
-        for off, n, chunks in zip(self.offsets, self.areas, self.chunks):
+        unknown = self._unknown_per_scale(known, batch)  # (K,) unknown positions of each scale, per row
+        predicts = []
+        for off, n, chunks, u in zip(self.offsets, self.areas, self.chunks, unknown):
+            known_k = None if known is None else known[:, off : off + n].to(device)  # (B, n)
             # a scale sampled in one step needs no order; a split one reveals a random order (MAR)
-            order = random_orders(batch, n, generator, device) if len(chunks) > 1 else None
+            order = random_orders(batch, n, generator, device, last=known_k) if len(chunks) > 1 else None
+            # the plain chunks; cosine counts over the unknown positions of a partly known scale; none if known
+            reveals = chunks if u == n else [r for r, _ in cosine_schedule(u, len(chunks))] if u else []
             done = 0
-            for revealed in chunks:
+            for revealed in reveals:
                 predict = torch.zeros(batch, L, dtype=torch.bool, device=device)  # (B, L)
                 if order is None:
-                    predict[:, off : off + n] = True
+                    predict[:, off : off + n] = True if known_k is None else ~known_k
                 else:
                     predict[:, off : off + n].scatter_(1, order[:, done : done + revealed], True)
                 done += revealed
-                steps.append(SampleStep(predict=predict, progress=(len(steps) + 1) / total))
-        return steps
+                predicts.append(predict)
+        m = len(predicts)
+        return [SampleStep(predict=p, progress=(total - (m - 1 - i)) / total) for i, p in enumerate(predicts)]
+
+    def _unknown_per_scale(self, known: Tensor | None, batch: int) -> list[int]:
+        """Unknown positions of each scale (the same in every row: one scale per step), or ValueError."""
+        if known is None:
+            return list(self.areas)
+        self.count_unknown(known, batch, self.seq_len)  # the shape and the equal totals
+        counts = [(~known[:, o : o + a]).sum(1).tolist() for o, a in zip(self.offsets, self.areas)]
+        uneven = [f"scale {h}x{w}: {c}" for (h, w), c in zip(self.scales, counts) if len(set(c)) > 1]
+        if uneven:
+            raise ValueError(f"known leaves different numbers of unknown positions per row within a scale "
+                             f"({'; '.join(uneven)}); MultiscaleOrdering samples scale by scale, so every row "
+                             "needs the same count in each scale")
+        return [c[0] if c else 0 for c in counts]
+
+    def known_from_grid(self, grid_known: Tensor) -> Tensor:
+        """(B, h, w) bool -> (B, L): a position of scale k is known only when every finest-grid cell of its
+        area window (the cells ``downsample`` averages; windows overlap where the sizes do not divide) is known.
+
+        The same rule for plain and residual scales. A residual position also depends on its neighbours
+        through the bicubic upsampling of the coarser scales, so with residual scales the decoded grid near
+        the mask border mixes given and generated values (a soft border, as a latent tokenizer's receptive
+        field makes one); plain scales decode the finest scale, whose known cells stay exactly as given.
+        """
+        unknown = (~grid_known.bool())[:, None].float()  # (B, 1, h, w)
+        parts = [F.adaptive_max_pool2d(unknown, s) == 0 for s in self.scales]  # (B, 1, h_k, w_k) no unknown cell
+        return torch.cat([p.flatten(1) for p in parts], dim=1)  # (B, L)
 
     def step_inputs(self, tokens: Tensor, known: Tensor, step: SampleStep) -> tuple[Tensor, Tensor]:
         """Fill the unknown positions of the scale being sampled with the coarse guess and show them."""

@@ -14,8 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from sandbox.kinds import Ordering, SampleStep, TrainingSplit
-from sandbox.schedules import cosine_schedule
+from sandbox.core.contracts import Ordering, SampleStep, TrainingSplit
+from sandbox.core.schedules import cosine_schedule
 
 
 def truncated_normal(mean: float, std: float, low: float, high: float, generator: torch.Generator | None,
@@ -27,9 +27,14 @@ def truncated_normal(mean: float, std: float, low: float, high: float, generator
     return float(mean + std * torch.special.ndtri(cdf_a + u * (cdf_b - cdf_a)))
 
 
-def random_orders(batch: int, seq_len: int, generator: torch.Generator | None, device) -> Tensor:
-    """(B, L) long: an independent random permutation per row."""
-    return torch.rand(batch, seq_len, generator=generator, device=device).argsort(dim=1)
+def random_orders(batch: int, seq_len: int, generator: torch.Generator | None, device,
+                  last: Tensor | None = None) -> Tensor:
+    """(B, L) long: an independent random permutation per row. Positions marked in ``last`` (B, L) bool come
+    after all the others (each part still in a random order); the random draws are the same either way."""
+    scores = torch.rand(batch, seq_len, generator=generator, device=device)  # (B, L) in [0, 1)
+    if last is not None:
+        scores = scores.masked_fill(last.to(scores.device), 2.0)
+    return scores.argsort(dim=1)
 
 
 class RandomOrdering(Ordering):
@@ -56,11 +61,19 @@ class RandomOrdering(Ordering):
         return TrainingSplit(inputs=seq, visible=~hidden, weight=hidden.to(seq.dtype))
 
     def sampling_plan(self, batch: int, num_iter: int, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> list[SampleStep]:
+                      device: torch.device | str = "cpu", known: Tensor | None = None) -> list[SampleStep]:
+        """Cosine counts over the unknown positions, revealed in a random order of them.
+
+        With ``known``, ``progress`` is the fraction of the whole sequence fixed after the step, known
+        positions included -- the quantity MAR's linear CFG schedule reads, (L - masked) / L -- so a step
+        is guided as a plain plan's step in the same state (as many tokens fixed) would be. It keeps MAR's
+        clamp (schedules.py): the last step reads (L - 1) / L, so known all False is the plain plan exactly.
+        """
         L = self.seq_len
-        orders = random_orders(batch, L, generator, device)  # (B, L)
-        steps, masked = [], L
-        for revealed, mask_len in cosine_schedule(L, num_iter):
+        n = L if known is None else self.count_unknown(known, batch, L)
+        orders = random_orders(batch, L, generator, device, last=known)  # (B, L) unknown positions first
+        steps, masked = [], n
+        for revealed, mask_len in (cosine_schedule(n, num_iter) if n else []):
             # the official keeps orders[:, :masked] hidden, so the last positions of the order come first
             predict = torch.zeros(batch, L, dtype=torch.bool, device=device)
             predict.scatter_(1, orders[:, masked - revealed : masked], True)

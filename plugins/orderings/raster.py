@@ -18,10 +18,10 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from plugins.orderings.random import truncated_normal
+from sandbox.core.contracts import Ordering, SampleStep, TrainingSplit
+from sandbox.core.schedules import cosine_schedule
 from sandbox.errors import UserError
-from sandbox.kinds import Ordering, SampleStep, TrainingSplit
-from sandbox.schedules import cosine_schedule
+from sandbox.plugins.orderings.random import truncated_normal
 
 
 class RasterOrdering(Ordering):
@@ -68,12 +68,21 @@ class RasterOrdering(Ordering):
         return TrainingSplit(inputs=seq, visible=~hidden, weight=hidden.to(seq.dtype))
 
     def sampling_plan(self, batch: int, num_iter: int, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> list[SampleStep]:
+                      device: torch.device | str = "cpu", known: Tensor | None = None) -> list[SampleStep]:
+        """The unknown positions in raster order, cosine counts; any known set works (a raster prefix is
+        what training rehearses; elsewhere the raster order simply skips the known positions).
+        ``progress``: as RandomOrdering, the fraction of the sequence fixed, known positions included."""
         L = self.seq_len
         pos = torch.arange(L, device=device)
+        n = L if known is None else self.count_unknown(known, batch, L)
+        if known is None:
+            orders = pos.expand(batch, L)  # (B, L)
+        else:  # unknown positions first, each group in raster order (the keys are distinct)
+            orders = (pos + L * known.to(device).long()).argsort(dim=1)  # (B, L)
         steps, start = [], 0
-        for revealed, mask_len in cosine_schedule(L, min(num_iter, L)):
-            predict = ((pos >= start) & (pos < start + revealed)).repeat(batch, 1)  # (B, L) the next chunk
+        for revealed, mask_len in (cosine_schedule(n, min(num_iter, n)) if n else []):
+            predict = torch.zeros(batch, L, dtype=torch.bool, device=device)
+            predict.scatter_(1, orders[:, start : start + revealed], True)  # (B, L) the next chunk
             start += revealed
             steps.append(SampleStep(predict=predict, progress=(L - mask_len) / L))  # as RandomOrdering (MAR's CFG)
         return steps

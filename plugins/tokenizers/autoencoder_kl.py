@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sandbox.kinds import Tokenizer
+from sandbox.core.contracts import Tokenizer
 
 if TYPE_CHECKING:  # diffusers is imported on first use: it adds seconds to every CLI start otherwise
     from diffusers import AutoencoderKL

@@ -18,8 +18,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from plugins.tokenizers.autoencoder_kl import AutoencoderKLTokenizer
 from sandbox.errors import UserError
+from sandbox.plugins.tokenizers.autoencoder_kl import AutoencoderKLTokenizer
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what save_pretrained writes
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from plugins.tokenizers.autoencoder_kl import AutoencoderKLTokenizer
-from sandbox.checkpoint import load_checkpoint
 from sandbox.errors import UserError
+from sandbox.plugins.tokenizers.autoencoder_kl import AutoencoderKLTokenizer
+from sandbox.run.checkpoints import load_checkpoint
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sandbox.kinds import Tokenizer
+from sandbox.core.contracts import Tokenizer
 
 
 class PixelTokenizer(Tokenizer):

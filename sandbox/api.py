@@ -1,0 +1,75 @@
+"""The Python API for notebooks and scripts (``import sandbox``); docs/python-api.md shows it in use.
+
+    run = sandbox.load_run("runs/quickstart")                # the newest checkpoint, EMA weights
+    images = sandbox.generate(run, labels=[3] * 8, seed=0)   # (8, 3, H, W) in [-1, 1]
+    sandbox.save_grid(images, "threes.png")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sandbox.errors import UserError
+
+
+def build(recipe, overrides: list[str] = ()):
+    """The parts of a recipe -- a YAML path (read as ``sandbox train --config`` reads it: ``base:`` recipes and
+    plugin files), a dict, or a parsed namespace -- as an ``Experiment`` (dataset, tokenizer, ordering, model).
+    The model is the plain PyTorch one; ``sandbox.fast.apply(exp.model)`` switches the speed paths on."""
+    from jsonargparse import Namespace
+
+    from sandbox.config.build import build as build_parts
+    from sandbox.config.files import parse_recipe_file
+    from sandbox.config.recipe import parse_recipe
+
+    if isinstance(recipe, (str, Path)):
+        cfg = parse_recipe_file(Path(recipe), list(overrides))
+    elif isinstance(recipe, dict):
+        cfg = parse_recipe(recipe, origin="the recipe given to sandbox.build")
+    elif isinstance(recipe, Namespace):
+        cfg = recipe
+    else:
+        raise UserError(f"sandbox.build takes a recipe path, dict or namespace, not {type(recipe).__name__}")
+    return build_parts(cfg)
+
+
+@torch.no_grad()
+def generate(run, labels=None, *, num_images: int | None = None, seed: int = 0, num_iter: int | None = None,
+             cfg: float | None = None, cfg_schedule: str | None = None, temperature: float | None = None,
+             batch_size: int | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from a loaded run (``sandbox.load_run``): one per label in ``labels``
+    (class indices), or ``num_images`` class-balanced ones. Sampling settings default to the run's recipe
+    (``sample:``); ``seed`` fixes the images, as ``sandbox sample --seed`` does (the same images for the same
+    settings and batch size)."""
+    from sandbox.eval.samples import balanced_labels, generate_many
+    from sandbox.run.device import autocast_dtype
+
+    exp, sc = run.exp, run.sample_config
+    if labels is None:
+        if num_images is None:
+            raise UserError("generate needs labels or num_images")
+        labels = balanced_labels(num_images, exp.num_classes)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < exp.num_classes):
+        raise UserError(f"labels must lie in 0..{exp.num_classes - 1}")
+    device = next(run.model.parameters()).device
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    return generate_many(exp, labels, batch_size=pick(batch_size, sc.batch_size), seed=seed, model=run.model,
+                         num_iter=pick(num_iter, sc.num_iter), cfg=pick(cfg, sc.cfg),
+                         cfg_schedule=pick(cfg_schedule, sc.cfg_schedule),
+                         temperature=pick(temperature, sc.temperature),
+                         autocast_dtype=autocast_dtype(run.train_config.precision, device))
+
+
+def save_grid(images: Tensor, path: str | Path, labels=None) -> Path:
+    """A PNG grid of ``images`` (B, 3, H, W) in [-1, 1]: one row per class with ``labels``, else square-ish."""
+    from sandbox.images.grids import save_class_grid
+    from sandbox.images.grids import save_grid as save_plain
+
+    if labels is None:
+        save_plain(images, path)
+    else:
+        save_class_grid(images, torch.as_tensor(labels), path)
+    return Path(path)

@@ -1,0 +1,148 @@
+"""``sandbox sample --run_dir DIR --num_images N --out FILE.png|FILE.npz [sampling options]``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from sandbox.errors import UserError
+
+NAME = "sample"
+HELP = "Generate images from a trained run (.png grid or .npz images + labels)."
+ORDER = 20
+
+
+def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> None:
+    """Options shared by every command that samples from a run (sample, eval, ...)."""
+    p.add_argument("--config", action=ActionConfigFile)
+    if run_dir_required:
+        p.add_argument("--run_dir", type=str, required=True, help="A run directory written by `sandbox train`.")
+    else:
+        p.add_argument("--run_dir", type=str | None, default=None, help="A run directory written by `sandbox train`.")
+    p.add_argument("--num_images", type=int, default=64, help="How many images.")
+    p.add_argument("--labels", type=list[int] | None, default=None,
+                   help="Class of each image, cycled, as a list: --labels '[3, 7]'; default: class-balanced "
+                        "0,1,...,K-1,0,...")
+    p.add_argument("--num_iter", type=int | None, default=None, help="Sampling steps (default: the recipe's).")
+    p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's).")
+    p.add_argument("--cfg_schedule", type=Optional[Literal["linear", "constant"]], default=None,
+                   help="linear or constant (default: the recipe's).")
+    p.add_argument("--temperature", type=float | None, default=None, help="Head temperature (default: the recipe's).")
+    p.add_argument("--head_args", type=dict | None, default=None,
+                   help="Override the head's init_args for sampling, e.g. '{sampler: dpm++, num_sampling_steps: 20}' "
+                        "(see `sandbox plugins`); arguments that change the head's weights do not fit the checkpoint.")
+    p.add_argument("--seed", type=int, default=0, help="Fixes the samples.")
+    p.add_argument("--batch_size", type=int | None, default=None, help="Images per batch (default: the recipe's).")
+    p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights.")
+    p.add_argument("--compile", type=bool, default=False,
+                   help="torch.compile the head's sampling step (compiles once, then faster; samples equal the "
+                        "eager ones within float rounding).")
+    p.add_argument("--fast_paths", type=bool, default=True,
+                   help="The speed paths of sandbox.fast (false: the plain PyTorch model; the same samples within "
+                        "float rounding).")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+    p.add_argument("--progress", type=bool, default=True, help="Show a progress bar.")
+
+
+def sampling_options(cfg: Namespace, sc) -> dict:
+    """The sampling settings of a command (``add_sampling_arguments``) over the recipe's defaults ``sc``
+    (``SampleConfig``): num_iter, cfg, cfg_schedule, temperature and batch_size, each checked."""
+    pick = lambda name: getattr(sc, name) if cfg.get(name) is None else cfg.get(name)  # noqa: E731
+    out = {name: pick(name) for name in ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size")}
+    for name in ("num_iter", "batch_size"):
+        if out[name] < 1:
+            raise UserError(f"--{name} must be >= 1, got {out[name]}")
+    if out["temperature"] <= 0:
+        raise UserError(f"--temperature must be > 0, got {out['temperature']}")
+    return out
+
+
+def load(cfg: Namespace):
+    """The run a sampling command names, loaded with its options (``sandbox.run.loading.load_run``)."""
+    from sandbox.run.loading import load_run
+
+    return load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args, compile=cfg.compile,
+                    fast_paths=cfg.fast_paths)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(exit_on_error=False, description=HELP)
+    add_sampling_arguments(p)
+    p.add_argument("--out", type=str, default="samples.png",
+                   help=".png writes a grid (one row per class); .npz writes images + labels.")
+    p.add_argument("--animate", type=str | None, default=None,
+                   help="Also write FILE.gif: the first batch being generated, one frame per sampling step.")
+    return p
+
+
+def sample_from_run(cfg: Namespace, on_step=None):
+    """Load a run and generate ``cfg.num_images`` images -> (the loaded run, images, labels).
+
+    ``on_step(exp, labels)`` may return a per-step callback for the sampling core (e.g. an animation recorder).
+    Under ``torchrun --nproc_per_node N -m sandbox sample|eval ...`` the ranks split the images
+    (each batch seeded by its index: the same images for any N); rank 0 receives them all and
+    the other ranks get ``images=None``.
+    """
+    from sandbox.run import distributed
+
+    with distributed.session(cfg.device):
+        return _sample_from_run(cfg, on_step)
+
+
+def _sample_from_run(cfg: Namespace, on_step=None):
+    import torch
+
+    from sandbox.eval.samples import balanced_labels, generate_distributed
+    from sandbox.run.device import autocast_dtype
+
+    if cfg.num_images < 1:
+        raise UserError("--num_images must be >= 1")
+    loaded = load(cfg)
+    exp, model = loaded.exp, loaded.model
+    opts = sampling_options(cfg, loaded.sample_config)
+    if cfg.labels:
+        bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
+        if bad:
+            raise UserError(f"labels {bad} outside the model's classes 0..{exp.num_classes - 1}")
+        labels = torch.tensor(cfg.labels)[torch.arange(cfg.num_images) % len(cfg.labels)]
+    else:
+        labels = balanced_labels(cfg.num_images, exp.num_classes)
+    device = next(model.parameters()).device
+    callback = on_step(exp, labels) if on_step is not None else None  # rank 0 samples batch 0 first: it animates
+    images = generate_distributed(
+        exp, labels, batch_size=opts.pop("batch_size"), seed=cfg.seed, model=model, **opts, progress=cfg.progress,
+        autocast_dtype=autocast_dtype(loaded.train_config.precision, device), on_step=callback)
+    return loaded, images, labels
+
+
+def run(cfg: Namespace) -> None:
+    from sandbox.images.grids import save_class_grid, save_gif
+    from sandbox.images.io import save_npz
+
+    out = Path(cfg.out)
+    if out.suffix not in (".png", ".npz"):
+        raise UserError(f"--out must end in .png (grid) or .npz (images + labels), got {out}")
+    if cfg.animate is not None and Path(cfg.animate).suffix.lower() != ".gif":
+        raise UserError(f"--animate must name a .gif file, got {cfg.animate}")
+    recorder = None
+
+    def record(exp, labels):
+        nonlocal recorder
+        from sandbox.images.animation import FrameRecorder
+
+        recorder = FrameRecorder(exp, labels)
+        return recorder
+
+    loaded, images, labels = sample_from_run(cfg, on_step=record if cfg.animate else None)
+    if images is None:  # a rank other than 0 of a multi-process run: rank 0 writes
+        return
+    if out.suffix == ".png":
+        save_class_grid(images, labels, out)  # one row per class
+    else:
+        save_npz(images, labels, out)
+    print(f"wrote {cfg.num_images} images to {out} (step {loaded.step}, {'EMA' if loaded.ema else 'raw'} weights)")
+    if recorder is not None:
+        save_gif(recorder.captioned(), cfg.animate)
+        print(f"wrote {cfg.animate}: {len(recorder.frames)} frames (one per sampling step) "
+              f"of the first batch, {recorder.count} images")

@@ -1,0 +1,30 @@
+"""``sandbox train-tokenizer --config RECIPE [--run_dir DIR] [overrides]``: train a small KL autoencoder."""
+from __future__ import annotations
+
+from jsonargparse import ArgumentParser, Namespace
+
+from sandbox.cli.train import default_run_dir
+
+NAME = "train-tokenizer"
+HELP = "Train a KL autoencoder (diffusers AutoencoderKL) on a dataset; use RUN as --tokenizer.path in a MAR recipe."
+ORDER = 12
+
+
+def parser() -> ArgumentParser:
+    from sandbox.lab.tokenizer_training import add_tokenizer_recipe_arguments
+
+    p = ArgumentParser(exit_on_error=False, description=HELP)
+    add_tokenizer_recipe_arguments(p)
+    p.add_argument("--run_dir", type=str | None, default=None,
+                   help="Where checkpoints, logs and the exported vae/ go (default: runs/<recipe file name>).")
+    return p
+
+
+def run(cfg: Namespace) -> None:
+    from sandbox.lab.tokenizer_training import train_tokenizer
+
+    summary = train_tokenizer(cfg, cfg.run_dir or default_run_dir(cfg))
+    if not summary.get("stopped"):
+        print(f"done: {summary['step']} steps; reconstruction PSNR {summary['psnr']:.2f} dB on "
+              f"{summary['num_images']} images; latent scale {summary['scale']}; use it in a MAR recipe with "
+              f"`tokenizer: {{class_path: DiffusersVAETokenizer, init_args: {{path: {summary['run_dir']}}}}}`")

@@ -1,0 +1,158 @@
+"""Recipes: parsing and checking them, and instantiating one slot.
+
+A recipe is a YAML file checked by jsonargparse at parse time against the
+signatures of ``sandbox.config.schema``: the plugin slots (``data``,
+``tokenizer``, ``ordering``, ``head``) take a ``class_path`` (short class
+names work) and ``init_args``; ``model``, ``train`` and ``sample`` are
+dataclasses whose every field documents its default.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from sandbox.config.schema import SLOT_HELP, SLOT_TYPES
+from sandbox.core.checks import check_class
+from sandbox.core.contracts import KINDS
+from sandbox.errors import UserError
+
+
+def add_run_arguments(parser: ArgumentParser, seed_help: str, plugins_help: str) -> None:
+    """The arguments every recipe-driven command shares (the CLI resolves --base and --plugins before parsing)."""
+    parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (several allowed; later ones override).")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--base", type=Optional[str], default=None,
+                        help="A recipe this one builds on, relative to this recipe file: the CLI applies it first "
+                             "(as an earlier --config), then this one; never stored (see docs/writing-plugins.md).")
+    parser.add_argument("--plugins", type=list[str], default=[], help=plugins_help)
+
+
+def add_recipe_arguments(parser: ArgumentParser) -> None:
+    add_run_arguments(parser, seed_help="Fixes initialisation, data order and all sampling.",
+                      plugins_help="Plugin files (.py) the recipe needs, relative to the recipe file; the CLI loads "
+                                   "them before parsing and stores them as absolute paths (see "
+                                   "docs/writing-plugins.md).")
+    for key, typ in SLOT_TYPES.items():
+        if key in ("model", "train", "sample"):
+            parser.add_argument(f"--{key}", type=typ, default=typ(), help=SLOT_HELP[key])
+        else:
+            parser.add_argument(f"--{key}", type=typ, required=True, help=SLOT_HELP[key])
+
+
+RECIPE_KEYS = ("seed", "plugins", "data", "tokenizer", "ordering", "head", "model", "train", "sample")
+
+
+def recipe_parser() -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False, prog="sandbox recipe")
+    add_recipe_arguments(parser)
+    return parser
+
+
+def recipe_dict(cfg: Namespace) -> dict:
+    """The recipe part of a parsed namespace as plain data (what a run directory stores)."""
+    d = cfg.clone().as_dict()
+    return {k: d[k] for k in RECIPE_KEYS if k in d}
+
+
+# the built-in plugins' package before 0.2 (a top-level `plugins`); recipes stored then name it in class paths
+_OLD_BUILTINS = "plugins."
+
+
+def upgrade_recipe(recipe: dict) -> dict:
+    """A stored recipe in today's terms: class paths of the built-ins as they were stored before 0.2
+    (``plugins.heads.diffusion.DiffusionHead``) name ``sandbox.plugins...``."""
+    out = dict(recipe)
+    for slot in _SLOT_KIND:
+        part = out.get(slot)
+        if isinstance(part, dict) and str(part.get("class_path", "")).startswith(_OLD_BUILTINS):
+            out[slot] = {**part, "class_path": "sandbox." + part["class_path"]}
+    return out
+
+
+def parse_recipe(recipe: dict, origin: str = "the stored recipe") -> Namespace:
+    """Re-parse a stored recipe dict (e.g. from a checkpoint) into a checked namespace; first loads the
+    plugin files it lists (absolute paths), so their class paths resolve in a fresh process."""
+    from sandbox.config import registry
+
+    registry.discover()
+    registry.load_listed(recipe.get("plugins") or [], origin=f"listed under plugins: in {origin}")
+    registry.discover()  # a name clash is an error naming both sources
+    parser = recipe_parser()
+    try:
+        return parser.parse_object(upgrade_recipe(recipe))
+    except Exception as e:
+        raise UserError(f"stored recipe no longer parses: {one_line(e)}") from e
+
+
+# jsonargparse's words for a class name it cannot resolve: in a plugin slot, that is an unknown plugin
+_UNRESOLVED = re.compile(r'Parser key "(data|tokenizer|ordering|head)":\s+Expected a dot import path string: (\S+)')
+_SLOT_KIND = {"data": "dataset", "tokenizer": "tokenizer", "ordering": "ordering", "head": "head"}
+
+
+def one_line(e: BaseException) -> str:
+    """A parse error as one readable line (jsonargparse errors span several); an unknown plugin name as
+    the registered ones."""
+    msg = str(e)
+    unresolved = _UNRESOLVED.search(msg)
+    if unresolved:
+        from sandbox.config.registry import unknown_plugin
+
+        return unknown_plugin(_SLOT_KIND[unresolved.group(1)], unresolved.group(2))
+    msg = re.sub(r"Got value: .*", "", msg, flags=re.S)
+    msg = " ".join(msg.split())
+    return msg.rstrip(" .:")
+
+
+def instantiate(cfg: Namespace, key: str, *injected):
+    """Build one slot of a parsed recipe; the others (e.g. an expensive dataset) stay unbuilt. ``injected``:
+    the arguments the core passes an ordering (grid) or a head (token_dim, cond_dim) before its init_args."""
+    single = ArgumentParser(exit_on_error=False)
+    single.add_argument(f"--{key}", type=SLOT_TYPES[key])
+    sub = Namespace()
+    sub[key] = cfg[key].clone() if isinstance(cfg[key], Namespace) else cfg[key]
+    named = isinstance(cfg[key], Namespace) and "class_path" in cfg[key]  # a plugin slot's class
+    if named and key in _SLOT_KIND:
+        kind = _SLOT_KIND[key]
+        check_class(kind, _resolve(cfg[key].class_path), KINDS[kind])  # callable the way the core calls it
+    try:
+        built = single.instantiate(sub)[key]
+        return built(*injected) if injected else built
+    except UserError:
+        raise
+    except Exception as e:  # a plugin's constructor refusing its settings (or failing): one line that says where
+        what = f"{key} {cfg[key].class_path.rsplit('.', 1)[-1]}" if named else None
+        if not isinstance(e, (TypeError, ValueError, OSError)):
+            if what is None:
+                raise
+            raise UserError(f"cannot build {what}: {type(e).__name__}: {one_line(e)} "
+                            f"({_raised_at(e, cfg[key].class_path)})") from e
+        if what is not None:
+            raise UserError(f"cannot build {what}: {one_line(e)}") from e
+        raise UserError(f"invalid {key} settings: {one_line(e)}") from e
+
+
+def slot_classes(cfg: Namespace) -> dict[str, type]:
+    """The plugin class each plugin slot of a parsed recipe names, without building it."""
+    return {key: _resolve(cfg[key].class_path) for key in _SLOT_KIND
+            if isinstance(cfg.get(key), Namespace) and "class_path" in cfg[key]}
+
+
+def _resolve(class_path: str) -> type:
+    """The class a parsed recipe names (jsonargparse resolved it to an importable path)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(module) or importlib.import_module(module), name)
+
+
+def _raised_at(e: BaseException, class_path: str) -> str:
+    """'file.py:line' of the deepest frame of ``e`` in the plugin's own file (else the deepest frame)."""
+    module = sys.modules.get(class_path.rpartition(".")[0])
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [f for f in frames if module is not None and f.filename == getattr(module, "__file__", None)]
+    frame = (own or frames)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}"

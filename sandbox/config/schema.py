@@ -1,0 +1,90 @@
+"""The typed parts of a recipe: the plugin slots, and the ``model``, ``train`` and ``sample`` settings whose
+every field documents its default (jsonargparse checks a recipe against them at parse time)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+from sandbox.core.contracts import Dataset, Head, Ordering, Tokenizer
+from sandbox.core.transformer import MARConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults are the official MAR settings where it has one."""
+
+    steps: int = 1000  # optimizer steps in total; the official counts epochs, steps make short runs comparable
+    batch_size: int = 64  # per process; official: 64 per GPU x 32 GPUs = 2048
+    grad_accum: int = 1  # micro-batches per optimizer step; the global batch counts them
+    blr: float = 1e-4  # official base lr; lr = blr * global_batch / 256 (Goyal et al. linear scaling)
+    lr: Optional[float] = None  # absolute lr; overrides blr when set
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # official: constant after warmup
+    warmup_steps: int = 0  # official: 100 epochs of linear warmup (set it for long runs)
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.02  # official; not applied to biases, 1-D parameters and the head
+    betas: tuple[float, float] = (0.9, 0.95)  # official AdamW betas
+    grad_clip: float = 3.0  # official max grad norm; 0 disables
+    ema_decay: float = 0.9999  # official EMA for the long ImageNet runs
+    ema_warmup: bool = True  # decay min(ema_decay, (1+n)/(10+n)): a short run's EMA forgets the random init
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the blocks; pays a one-off compile for faster steps on long runs
+    device: str = "auto"  # auto: cuda if available, else cpu
+    num_workers: int = 0  # data loader processes; 0 keeps in-memory datasets fastest
+    log_every: int = 10  # steps between metrics-log lines
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    keep_checkpoints: int = 2  # numbered checkpoints kept besides checkpoint-last.pt
+    best_metric: Optional[Literal["loss"]] = None  # keep checkpoint-best.pt by this metric's mean per checkpoint
+    # interval (the training loss is the one the loop computes every step); None: no best checkpoint
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) updates before the run stops: an fp16
+    # overflow or one bad batch skips a few, twenty in a row is divergence; 0: never stop
+    head_fp32: bool = False  # run the head in fp32 under bf16/fp16 autocast: its loss spans a 1000-step noise
+    # schedule whose extreme alpha_bar values bf16's 8-bit mantissa resolves poorly
+    tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (needs the [tensorboard] extra)
+    fast_paths: bool = True  # sandbox.fast: the same model computed faster (docs/performance.md); false: plain PyTorch
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "keep_checkpoints", "num_workers", "max_nonfinite_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for generation (grids during training, ``sandbox sample``). Official MAR-B values."""
+
+    num_iter: int = 64  # official default (256 for the paper's table)
+    cfg: float = 1.0  # guidance scale; the paper's MAR-B uses 2.9 with the linear schedule
+    cfg_schedule: Literal["linear", "constant"] = "linear"  # official: linear ramp of the guidance with progress
+    temperature: float = 1.0  # official: 1.0 with cfg (0.95 without)
+    ema: bool = True  # sample with the EMA weights
+    batch_size: int = 64  # images per sampling batch
+    grid_classes: int = 10  # rows of a training sample grid (one class per row)
+    grid_per_class: int = 8  # columns of a training sample grid
+
+
+# the recipe's slots: plugin slots name a subclass; an ordering is built with the token grid (h, w),
+# a head with (token_dim, cond_dim), so those never appear in a recipe and cannot disagree
+SLOT_TYPES = {
+    "data": Dataset,
+    "tokenizer": Tokenizer,
+    "ordering": Callable[[tuple[int, int]], Ordering],
+    "head": Callable[[int, int], Head],
+    "model": MARConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+SLOT_HELP = {
+    "data": "Dataset plugin.",
+    "tokenizer": "Tokenizer plugin.",
+    "ordering": "Ordering plugin (the core passes the token grid).",
+    "head": "Head plugin (the core passes token_dim and cond_dim).",
+    "model": "MAR transformer settings.",
+    "train": "Training settings.",
+    "sample": "Sampling defaults.",
+}

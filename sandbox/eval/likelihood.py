@@ -1,0 +1,139 @@
+"""The likelihood of a token sequence under MAR: the ordering's sampling plan run with teacher forcing.
+
+At each step of the plan the known positions hold the TRUE tokens, the
+transformer conditions the positions the step predicts, and the head scores
+the true tokens there (``Head.nll``). The sum over the steps is the sequence's
+negative log-likelihood under the model's autoregressive factorisation along
+that plan: p(x) = prod_s p(x_{S_s} | x_{S_<s}), each group's tokens independent
+given the known ones (MAR predicts a step's tokens in parallel). A head whose
+``nll`` is a bound (diffusion) or an estimate (flow ODE) makes the sum one too.
+
+For a random ordering the plan draws an order, so the result is the likelihood
+along that order (a seed fixes it); averaged over orders it bounds the
+order-mixture's NLL from above (Jensen), as for order-agnostic autoregressive
+models. For a pyramid ordering (coarse-to-fine scales), the sequence holds
+every scale: the result is the likelihood of the sequence, not of the image.
+
+References:
+    MAR sec. 3-4 (per-token p(x | z), the masked-generation plan); Uria et al., "A Deep and Tractable Density
+        Estimator" (NADE), ICML 2014, and Hoogeboom et al., "Autoregressive Diffusion Models", ICLR 2022
+        (order-agnostic likelihoods, the bound over orders).
+    Theis, van den Oord, Bethge, "A note on the evaluation of generative models", ICLR 2016 (bits per dimension
+        of continuous densities).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sandbox.core.checks import broken, check_plan_covered, check_step, shape_of
+
+
+@torch.no_grad()
+def plan_nll(model, ordering, seq: Tensor, labels: Tensor | None, num_iter: int,
+             generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Negative log-likelihood (nats) of the true sequences ``seq`` (B, L, C) given ``labels`` (B,), per step of
+    the ordering's sampling plan and per image: (S, B). The per-image NLL is ``plan_nll(...).sum(0)``.
+
+    ``model`` is a ``MAR`` whose head has ``has_nll``; ``generator`` draws the plan's order and the head's
+    estimator noise, so a seed fixes the result. ``autocast_dtype`` runs the transformer under autocast, the
+    head as ``model.head_precision`` and ``model.head_fp32`` say (as ``sample_tokens``).
+    """
+    transformer, head = model.transformer, model.head
+    if not getattr(head, "has_nll", False):
+        raise broken(head, "head", "has no likelihood (has_nll is False); nll needs a head that implements "
+                                   "nll(target, cond, generator)")
+    device = next(model.parameters()).device
+    seq = seq.to(device)
+    labels = None if labels is None else labels.to(device)
+    B, L, _ = seq.shape
+    plan = ordering.sampling_plan(B, num_iter, generator, device)
+    tokens = torch.zeros_like(seq)  # (B, L, C) the true tokens at known positions, zeros elsewhere
+    known = torch.zeros(B, L, dtype=torch.bool, device=device)  # (B, L)
+    times = torch.zeros(B, L, dtype=torch.int32, device=device)  # (B, L) predictions per position
+    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    per_step = []
+    for step in plan:
+        check_step(ordering, step, B, L)
+        inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
+        target = seq[step.predict]  # (N, C) row-major: image by image
+        with amp:
+            cond = transformer(inputs, visible, labels, query=step.predict)  # (N, D)
+            with model.head_precision(cond):
+                if model.head_fp32:
+                    cond, target = cond.float(), target.float()
+                nll = head.nll(target, cond, generator)  # (N,)
+        check_nll(head, nll, target.shape[0])
+        per_step.append(nll.double().view(B, -1).sum(1))  # (B,): every row predicts the same count
+        tokens[step.predict] = seq[step.predict]
+        known |= step.predict
+        times += step.predict
+    check_plan_covered(ordering, times)
+    return torch.stack(per_step)  # (S, B)
+
+
+def check_nll(head, nll, n: int) -> None:
+    """A head's ``nll`` returned one value per row (N,)."""
+    if not isinstance(nll, Tensor) or tuple(nll.shape) != (n,):
+        raise broken(head, "head", f"nll returned {shape_of(nll)}; expected ({n},): one value per row")
+
+
+@dataclass
+class NLLSummary:
+    """Bits per dimension of a set of sequences, overall and step by step (``summarize_nll``)."""
+
+    bits_per_dim: float  # mean over images of NLL / (L C ln 2)
+    stderr: float  # its standard error over the images
+    step_share: list[float]  # each step's part of bits_per_dim (they add up to it): which steps carry the bits
+    step_bits_per_dim: list[float] | None  # bits per dim of the tokens a step predicts (given step_tokens)
+    num_images: int
+    step_tokens: list[int] | None = None  # positions each step predicts per image
+
+    def table(self) -> str:
+        """The per-step table, one line per step, then the total: which steps carry the bits."""
+        lines = ["step  tokens  share (bits/dim)  bits/dim of its tokens"]
+        for s, share in enumerate(self.step_share):
+            n = "-" if self.step_tokens is None else str(self.step_tokens[s])
+            own = "-" if self.step_bits_per_dim is None else f"{self.step_bits_per_dim[s]:.4f}"
+            lines.append(f"{s:>4}  {n:>6}  {share:>16.4f}  {own:>22}")
+        lines.append(f"total: {self.bits_per_dim:.4f} +- {self.stderr:.4f} bits/dim over {self.num_images} images")
+        return "\n".join(lines)
+
+
+def summarize_nll(nll: Tensor, seq_len: int, token_dim: int, step_tokens: list[int] | None = None) -> NLLSummary:
+    """``plan_nll``'s (S, B) nats -> bits per dimension with dims = L * C, the sequence's dimensions.
+
+    ``step_tokens`` (S,), the positions each step predicts per image (``step_token_counts``), adds the bits per
+    dimension of each step's own tokens. For a pyramid ordering L counts every scale: this is the likelihood
+    of the sequence, not of the image (the finest scale alone has fewer dimensions).
+    """
+    nll = nll.double().cpu()
+    S, B = nll.shape
+    scale = 1.0 / (seq_len * token_dim * math.log(2.0))
+    per_image = nll.sum(0) * scale  # (B,) bits per dim
+    stderr = float(per_image.std() / math.sqrt(B)) if B > 1 else float("nan")
+    step_share = (nll.mean(1) * scale).tolist()  # (S,)
+    step_bpd = None
+    if step_tokens is not None:
+        if len(step_tokens) != S:
+            raise ValueError(f"step_tokens has {len(step_tokens)} counts for {S} steps")
+        step_bpd = [float(nll[s].mean()) / (n * token_dim * math.log(2.0)) for s, n in enumerate(step_tokens)]
+    return NLLSummary(float(per_image.mean()), stderr, step_share, step_bpd, B, step_tokens)
+
+
+def step_token_counts(ordering, num_iter: int) -> list[int]:
+    """Positions each step of the plan predicts per image (S,). The counts of today's orderings do not depend
+    on the drawn order, so a one-image plan with a fixed seed gives them."""
+    plan = ordering.sampling_plan(1, num_iter, torch.Generator().manual_seed(0), "cpu")
+    return [int(step.predict.sum()) for step in plan]
+
+
+@torch.no_grad()
+def image_sequences(exp, images: Tensor) -> Tensor:
+    """Images (B,3,H,W) in [-1, 1] -> the token sequences (B, L, C) whose likelihood ``plan_nll`` takes: the
+    tokenizer's posterior mean (``sample=False``), so the data are fixed, not a draw."""
+    latent = exp.tokenizer.encode(images, sample=False)  # (B, c, h*p, w*p)
+    return exp.ordering.to_sequence(exp.tokenizer.to_tokens(latent))  # (B, L, C)

@@ -1,0 +1,93 @@
+"""Loading a trained run for sampling, evaluation and notebooks: the recipe and weights of its newest checkpoint,
+rebuilt with nothing else (the checkpoint stores the recipe and what the dataset told the model)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from sandbox import fast
+from sandbox.config.build import Experiment, build
+from sandbox.config.recipe import instantiate, one_line, parse_recipe, recipe_parser
+from sandbox.config.schema import SampleConfig, TrainConfig
+from sandbox.errors import UserError
+from sandbox.fast.attention import xformers_available
+from sandbox.run import distributed
+from sandbox.run.checkpoints import state_mismatch
+from sandbox.run.device import resolve_device
+from sandbox.run.rundir import RunDir
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt from its newest checkpoint: ``exp`` (its parts: tokenizer, ordering, model), ``model`` (the
+    weights sampled: EMA or raw, on the device, in eval mode), ``checkpoint`` (the loaded dict)."""
+
+    root: Path
+    exp: Experiment
+    model: nn.Module
+    checkpoint: dict
+    ema: bool  # whether ``model`` holds the EMA weights
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint["step"])
+
+    @property
+    def sample_config(self) -> SampleConfig:
+        """The recipe's sampling defaults (``sample:``)."""
+        return instantiate(self.exp.cfg, "sample")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The recipe's training settings (its precision samples too)."""
+        return instantiate(self.exp.cfg, "train")
+
+
+def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", head_args: dict | None = None,
+             compile: bool = False, fast_paths: bool = True) -> LoadedRun:
+    """Rebuild a run's parts from its newest checkpoint alone.
+
+    ``head_args`` overrides the head's init_args (sampling options such as a head's sampler or step count);
+    the overridden recipe is type-checked like any recipe and must still fit the checkpoint. ``compile``: the
+    head samples through ``torch.compile``; ``fast_paths``: the speed paths of ``sandbox.fast``.
+    """
+    run = RunDir(run_dir).require()
+    ckpt = run.load_latest()
+    if ckpt is None:
+        raise UserError(f"{run.root} has no checkpoint yet; train it first")
+    cfg = _recipe(run, ckpt, head_args)
+    if cfg.model.attention == "xformers" and not xformers_available():
+        cfg.model.attention = "sdpa"  # same math; a run trained on GPUs with xformers still samples anywhere
+    exp = build(cfg, meta=ckpt["meta"])
+    exp.model.head_fp32 = instantiate(cfg, "train").head_fp32
+    ema = use_ema and "ema" in ckpt
+    try:
+        exp.model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint of {run.root} does not fit its recipe's model: {state_mismatch(e)}") from e
+    dev = distributed.local_device(resolve_device(device))
+    fast.apply(exp.model, fast_paths, cfg.model.attention)
+    exp.model.to(dev).eval()
+    exp.tokenizer.to(dev)
+    if compile:
+        from sandbox.fast.compile import compile_sampling
+
+        compile_sampling(exp.model)
+    return LoadedRun(run.root, exp, exp.model, ckpt, ema)
+
+
+def _recipe(run: RunDir, ckpt: dict, head_args: dict | None):
+    """The checkpoint's recipe, parsed (and checked) again, with ``head_args`` over the head's init_args."""
+    cfg = parse_recipe(ckpt["recipe"], origin=f"the recipe of {run.root}")
+    if not head_args:
+        return cfg
+    recipe = copy.deepcopy(ckpt["recipe"])
+    recipe["head"].setdefault("init_args", {}).update(head_args)
+    try:
+        return recipe_parser().parse_object(recipe)
+    except Exception as e:
+        raise UserError(f"--head_args {head_args} do not fit head {recipe['head']['class_path']}: "
+                        f"{one_line(e)}") from e

@@ -1,0 +1,222 @@
+"""Run directories: what a run writes where, and its checkpoints' bookkeeping.
+
+A run directory holds:
+    recipe.yaml               the fully resolved recipe (re-runnable with --config)
+    checkpoints/checkpoint-last.pt  the newest checkpoint, and the last few numbered ones
+    checkpoints/checkpoint-best.pt  the best by a metric, when the recipe sets train.best_metric
+    metrics.jsonl             one JSON object per logged step
+    samples/                  sample grids written during training
+
+Crash safety: a checkpoint is written once to a temporary file, flushed and fsynced, then renamed into place
+(``checkpoint-last.pt`` first, then the numbered and best names, as hard links to the same bytes where the
+file system has them). A kill at any moment leaves every name either the old complete file or the new
+complete file. Loading the newest checkpoint skips (and reports) one that is unreadable, falling back to the
+previous one.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from sandbox.errors import UserError
+from sandbox.run import files
+from sandbox.run.checkpoints import UnsafeCheckpointError, load_checkpoint
+from sandbox.run.files import atomic_write_bytes
+
+LAST = "checkpoint-last.pt"
+BEST = "checkpoint-best.pt"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.loaded_path: Path | None = None  # the file ``load_latest`` used
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.ckpt_dir / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.ckpt_dir / BEST
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    def exists(self) -> bool:
+        return self.recipe_path.is_file()
+
+    def require(self) -> "RunDir":
+        if not self.root.is_dir():
+            raise UserError(f"run directory not found: {self.root}; train one with `sandbox train --config RECIPE`")
+        if not self.exists():
+            raise UserError(f"{self.root} is not a run directory (no recipe.yaml)")
+        return self
+
+    def create(self, reserve_bytes: int = 0) -> None:
+        """Make the directories and check, before any work starts, that they are writable (a probe
+        write) and that the file system has ``reserve_bytes`` free beyond the checkpoints already there."""
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), Path("/"))
+        if reserve_bytes > 0 and existing.is_dir():
+            needed = reserve_bytes - self.checkpoint_bytes()
+            free = shutil.disk_usage(existing).free
+            if needed > free:
+                raise UserError(
+                    f"not enough disk space for run directory {self.root}: its checkpoints need about "
+                    f"{needed / 2**20:.0f} MiB more, {free / 2**20:.0f} MiB free; free space, use another "
+                    "--run_dir or lower --train.keep_checkpoints"
+                )
+        try:
+            for d in (self.root, self.ckpt_dir, self.samples_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{os.getpid()}"
+            files._write_file(probe, b"ok")  # through the module: tests patch it to fill the disk
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"run directory {self.root} is not writable: {e.strerror or e}") from e
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of writers that died mid-write (a SIGKILL during a save): never published, safe
+        to drop. A live process's are left alone (e.g. ``sandbox eval`` writing eval.json meanwhile); this
+        process's own can only be left from an earlier failed call."""
+        for d in (self.root, self.ckpt_dir, self.samples_dir):
+            for tmp in d.glob(".*.tmp*"):
+                pid = tmp.name.rsplit(".tmp", 1)[1]
+                if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                    tmp.unlink(missing_ok=True)
+
+    def checkpoint_bytes(self) -> int:
+        """Disk space the checkpoints use now (hard-linked names counted once)."""
+        seen, total = set(), 0
+        for p in self.ckpt_dir.glob("checkpoint-*.pt") if self.ckpt_dir.is_dir() else ():
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+        return total
+
+    def read_recipe(self) -> dict:
+        try:
+            return yaml.safe_load(self.recipe_path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read {self.recipe_path}: {e}") from e
+
+    def write_recipe(self, recipe: dict) -> None:
+        atomic_write_bytes(self.recipe_path, yaml.safe_dump(recipe, sort_keys=False).encode())
+
+    def checkpoints(self) -> list[Path]:
+        """Numbered checkpoints, newest first."""
+        return sorted(self.ckpt_dir.glob("checkpoint-[0-9]*.pt"), key=_step_of, reverse=True)
+
+    def load_latest(self, map_location="cpu") -> dict | None:
+        """The newest checkpoint that loads (``checkpoint-last.pt``, then the numbered ones, newest
+        first). An unreadable or truncated one is reported on stderr and the previous one is used;
+        one that would need code to unpickle stops everything (``UnsafeCheckpointError``)."""
+        candidates = [self.last] if self.last.is_file() else []
+        candidates += self.checkpoints()
+        errors = []
+        for path in candidates:
+            try:
+                ckpt = load_checkpoint(path, map_location)
+            except UnsafeCheckpointError:
+                raise
+            except UserError as e:
+                errors.append(str(e).replace(str(path), path.name))
+                continue
+            if errors:
+                _warn(f"skipped {len(errors)} unreadable checkpoint(s) ({'; '.join(errors)}); "
+                      f"using {path.name} (step {ckpt.get('step', '?')})")
+            self.loaded_path = path
+            return ckpt
+        if errors:
+            raise UserError(f"no readable checkpoint in {self.ckpt_dir}: {'; '.join(errors)}")
+        return None
+
+    def save(self, ckpt: dict, step: int, keep: int, best: bool = False) -> Path:
+        """Write ``checkpoint-last.pt``, ``checkpoint-<step>.pt`` (if ``keep`` > 0) and, if ``best``,
+        ``checkpoint-best.pt``; prune numbered ones beyond ``keep``. Returns the numbered path (or the
+        last one when none are kept). On failure (a full disk) nothing is pruned and the previous
+        checkpoints are intact."""
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        numbered = self.ckpt_dir / f"checkpoint-{step}.pt"
+        names = [numbered] if keep > 0 else []
+        names += [self.best] if best else []
+        try:
+            atomic_write_bytes(self.last, buf.getvalue(), also=names)
+        except UserError as e:
+            raise UserError(f"could not save the step-{step} checkpoint in {self.ckpt_dir}: "
+                            f"{e.__cause__.strerror if isinstance(e.__cause__, OSError) else e}; the previous "
+                            "checkpoints are intact: free space and run the same command to resume") from e
+        for old in self.checkpoints()[max(keep, 0):]:
+            old.unlink(missing_ok=True)
+        return numbered if keep > 0 else self.last
+
+    # -- metrics log ----------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"could not append to {self.metrics_path}: {e.strerror or e}") from e
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop records logged after ``step`` (the killed run's steps that will be redone)
+        and a torn last line, so the log reads as one uninterrupted run."""
+        if not self.metrics_path.is_file():
+            return
+        kept, changed = [], False
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                changed = True
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                changed = True
+                continue
+            kept.append(line)
+        if changed:
+            atomic_write_bytes(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as e:  # EPERM: it exists, owned by someone else
+        return e.errno == errno.EPERM
+    return True
