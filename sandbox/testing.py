@@ -33,6 +33,9 @@ from torch import Tensor
 
 from sandbox.core.checks import shape_of
 from sandbox.core.contracts import (
+    Backbone,
+    Condition,
+    ConditionTokens,
     Dataset,
     Head,
     Ordering,
@@ -41,8 +44,8 @@ from sandbox.core.contracts import (
     TrainingSplit,
 )
 
-__all__ = ["ContractError", "check_tokenizer", "check_ordering", "check_head", "check_dataset", "check_plugin",
-           "contract_args", "register_tiny_feature_extractor"]
+__all__ = ["ContractError", "check_tokenizer", "check_ordering", "check_condition", "check_backbone", "check_head",
+           "check_dataset", "check_plugin", "contract_args", "register_tiny_feature_extractor"]
 
 
 class ContractError(AssertionError):
@@ -538,9 +541,108 @@ def check_plugin(plugin, **init_args) -> None:
     from sandbox.config.registry import kind_of
 
     cls = plugin if isinstance(plugin, type) else type(plugin)
-    check = {"tokenizer": check_tokenizer, "ordering": check_ordering, "head": check_head,
-             "dataset": check_dataset}[kind_of(cls)]
+    check = {"tokenizer": check_tokenizer, "ordering": check_ordering, "condition": check_condition,
+             "backbone": check_backbone, "head": check_head, "dataset": check_dataset}[kind_of(cls)]
     check(plugin, **init_args)
+
+
+# --------------------------------------------------------------------------------------
+# Condition
+# --------------------------------------------------------------------------------------
+def check_condition(factory, width: int = 16, num_classes: int = 5, batch: int = 4, **init_args) -> None:
+    """forward(data, drop): ConditionTokens with B rows of ``width``-wide tokens (a (B, T) bool mask with a real
+    token in every row, when given), finite, differentiable; dropped rows are the null condition; the null
+    condition of B rows; deterministic (a condition draws no random numbers)."""
+    cond = _build(factory, Condition, "condition", init_args, width, num_classes)
+    c = _Check(factory, "condition")
+    data = c.call(f"example({batch})", cond.example, batch, _gen(0))
+    with c.own_randomness("forward(data)"):
+        out = c.call("forward(data)", cond, data)
+    _check_tokens(c, "forward(data)", out, batch, width)
+    again = cond(data)
+    c.expect(torch.equal(again.tokens, out.tokens), "forward(data) gave different tokens for the same data")
+    null = c.call(f"null({batch})", cond.null, batch)
+    _check_tokens(c, f"null({batch})", null, batch, width)
+    drop = torch.arange(batch) % 2 == 0  # (B,) rows 0, 2, ... dropped
+    dropped = c.call("forward(data, drop)", cond, data, drop)
+    _check_tokens(c, "forward(data, drop)", dropped, batch, width)
+    if dropped.tokens.shape == null.tokens.shape:
+        same = torch.allclose(dropped.tokens[drop], null.tokens[drop]) and torch.allclose(
+            dropped.tokens[~drop], out.tokens[~drop])
+        c.expect(same, "forward(data, drop) must give the null condition on dropped rows and the condition "
+                       "elsewhere (classifier-free guidance and label drop read it so)")
+    params = [p for p in cond.parameters() if p.requires_grad]
+    if params:
+        out.tokens.float().sum().backward()
+        c.expect(any(p.grad is not None for p in params), "forward(data) is not connected to any parameter")
+
+
+def _check_tokens(c: _Check, call: str, out, batch: int, width: int) -> None:
+    c.expect(isinstance(out, ConditionTokens), f"{call} returned {type(out).__name__}; expected ConditionTokens")
+    c.expect(out.tokens.dim() == 3, f"{call}.tokens has shape {shape_of(out.tokens)}; expected (B, T, W)")
+    c.tensor(f"{call}.tokens", out.tokens, (batch, out.tokens.shape[1], width), "(B, T, W)")
+    if out.mask is not None:
+        c.tensor(f"{call}.mask", out.mask, tuple(out.tokens.shape[:2]), "(B, T)", "bool")
+        c.expect(bool(out.mask.any(1).all()), f"{call}.mask leaves a row without a real token")
+
+
+# --------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------
+def check_backbone(factory, seq_len: int = 16, token_dim: int = 5, batch: int = 3, **init_args) -> None:
+    """forward(tokens, visible, cond, query): the conditions of the queried positions (N, D) row-major, equal to
+    the full output at those positions, finite and differentiable; a generation (start_sampling, step) gives
+    the conditions of each step's positions, for one condition token and for several with a padding mask."""
+    from sandbox.core.transformer import MARConfig
+    from sandbox.plugins.orderings.random import RandomOrdering
+
+    model = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=24, decoder_depth=1,
+                      decoder_heads=2, buffer_size=4, attn_dropout=0.0, proj_dropout=0.0)
+    side = int(seq_len ** 0.5)
+    bb = _build(factory, Backbone, "backbone", init_args, model, seq_len, token_dim, 1)
+    c = _Check(factory, "backbone")
+    D, W = bb.out_dim, bb.cond_width
+    c.expect(isinstance(D, int) and D > 0 and isinstance(W, int) and W > 0,
+             f"out_dim {D!r} / cond_width {W!r}; expected positive ints (the head's cond_dim, the condition width)")
+    ordering = RandomOrdering((side, side))
+    c.call("check_ordering(RandomOrdering)", bb.check_ordering, ordering)
+    seq = torch.randn(batch, seq_len, token_dim, generator=_gen(0))  # (B, L, C)
+    conds = [ConditionTokens(torch.randn(batch, 1, W, generator=_gen(1))),
+             ConditionTokens(torch.randn(batch, 3, W, generator=_gen(2)), torch.tensor([[1, 1, 0]] * batch).bool())]
+    for cond in conds:
+        bb.train()
+        split = c.call("training_split(RandomOrdering, seq)", bb.training_split, ordering, seq, _gen(3))
+        query = split.weight > 0
+        call = f"forward(tokens, visible, cond of {cond.tokens.shape[1]} token(s), query)"
+        z = c.call(call, bb, split.inputs, split.visible, cond, query, split.order)
+        c.tensor(call, z, (int(query.sum()), D), "(N, D)")
+        z.float().sum().backward()
+        c.expect(any(p.grad is not None for p in bb.parameters()), f"{call} is not connected to any parameter")
+        bb.zero_grad(set_to_none=True)
+        bb.eval()
+        with torch.no_grad():
+            full = c.call("forward(..., query=None)", bb, split.inputs, split.visible, cond, None, split.order)
+            c.tensor("forward(..., query=None)", full, (batch, seq_len, D), "(B, L, D)")
+            part = bb(split.inputs, split.visible, cond, query, split.order)
+        c.expect(torch.allclose(part, full[query], atol=1e-4),
+                 f"{call} differs from the full output at the queried positions (max |diff| "
+                 f"{_max_diff(part, full[query]):.3g})")
+        _check_generation(c, bb, ordering, cond, batch, seq_len, token_dim, D)
+
+
+def _check_generation(c: _Check, bb, ordering, cond, batch: int, L: int, C: int, D: int) -> None:
+    """A generation through ``start_sampling``: each step's conditions have the step's rows."""
+    num_iter = L if bb.one_token_per_step else 4
+    plan = ordering.sampling_plan(batch, num_iter, _gen(4))
+    tokens, known = torch.zeros(batch, L, C), torch.zeros(batch, L, dtype=torch.bool)
+    with torch.no_grad():
+        sampler = c.call("start_sampling(cond)", bb.start_sampling, cond)
+        for i, step in enumerate(plan):
+            inputs, visible = ordering.step_inputs(tokens, known, step)
+            z = c.call(f"sampler.step (step {i})", sampler.step, inputs, visible, step.predict)
+            c.tensor(f"sampler.step (step {i})", z, (int(step.predict.sum()), D), "(N, D)")
+            tokens[step.predict] = torch.randn(int(step.predict.sum()), C, generator=_gen(10 + i))
+            known |= step.predict
 
 
 # --------------------------------------------------------------------------------------

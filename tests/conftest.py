@@ -35,6 +35,22 @@ def tiny_recipe(tmp_path) -> Path:
     return path
 
 
+def make_mar(cfg, seq_len: int, token_dim: int, num_classes: int, head):
+    """A MAR model (class condition, MAR backbone, ``head``) as ``sandbox.config.build`` makes it."""
+    from sandbox.core.condition import ClassCondition
+    from sandbox.core.model import MAR
+    from sandbox.core.transformer import MARBackbone
+
+    return MAR(ClassCondition(cfg.encoder_dim, num_classes), MARBackbone(cfg, seq_len, token_dim), head, cfg)
+
+
+def class_tokens(labels, width: int, num_classes: int = 10):
+    """Condition tokens of ``labels`` from a fresh (random) class condition."""
+    from sandbox.core.condition import ClassCondition
+
+    return ClassCondition(width, num_classes)(labels)
+
+
 def parity_fixture_dir() -> Path | None:
     """$SANDBOX_PARITY_FIXTURES, else ../shared/fixtures next to the repository."""
     env = os.environ.get("SANDBOX_PARITY_FIXTURES")

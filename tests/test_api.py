@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 
@@ -40,10 +39,10 @@ def test_generate_is_seeded_and_takes_the_recipes_settings(tiny_run):
 
 def test_build_reads_a_recipe_file_as_train_does(tiny_recipe):
     import sandbox
-    from sandbox.fast.query_rows import QueryRowsTransformer
+    from sandbox.fast.query_rows import QueryRowsBackbone
 
     exp = sandbox.build(tiny_recipe)
-    assert exp.dataset is not None and exp.model.transformer.seq_len == 16
-    assert not isinstance(exp.model.transformer, QueryRowsTransformer)  # plain until the speed paths are applied
+    assert exp.dataset is not None and exp.model.backbone.seq_len == 16
+    assert not isinstance(exp.model.backbone, QueryRowsBackbone)  # plain until the speed paths are applied
     sandbox.fast.apply(exp.model)
-    assert isinstance(exp.model.transformer, QueryRowsTransformer)
+    assert isinstance(exp.model.backbone, QueryRowsBackbone)

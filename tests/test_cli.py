@@ -170,7 +170,7 @@ def test_checkpoint_from_a_different_model(cli, trained, tmp_path):
     before = (other / "checkpoints" / "checkpoint-last.pt").read_bytes()
     proc = cli("train", "--config", other / "recipe.yaml", "--run_dir", other, "--train.steps", 6)
     # the keys of other shapes, the first three of them, not PyTorch's many lines
-    expect_user_error(proc, "does not fit this model: other shapes: transformer.", "(checkpoint [", " more")
+    expect_user_error(proc, "does not fit this model: other shapes: condition.fake_latent (checkpoint [1, 32], model [1, 64])", "(checkpoint [", " more")
     assert (other / "checkpoints" / "checkpoint-last.pt").read_bytes() == before
 
 

@@ -4,13 +4,8 @@ from __future__ import annotations
 import pytest
 
 from sandbox.config import registry
-from sandbox.testing import (
-    check_dataset,
-    check_head,
-    check_ordering,
-    check_tokenizer,
-    contract_args,
-)
+from sandbox.testing import (check_backbone, check_condition, check_dataset, check_head, check_ordering,
+                             check_tokenizer, contract_args)
 
 
 def _params(kind):
@@ -29,6 +24,16 @@ def test_ordering_contract(cls):
     check_ordering(cls, grid=(2, 3), **contract_args(cls))
 
 
+@_params("condition")
+def test_condition_contract(cls):
+    check_condition(cls, **contract_args(cls))
+
+
+@_params("backbone")
+def test_backbone_contract(cls):
+    check_backbone(cls, **contract_args(cls))
+
+
 @_params("head")
 def test_head_contract(cls):
     check_head(cls, **contract_args(cls))
@@ -40,5 +45,5 @@ def test_dataset_contract(cls):
 
 
 def test_every_kind_has_a_builtin():
-    for kind in ("tokenizer", "ordering", "head", "dataset"):
+    for kind in ("tokenizer", "ordering", "condition", "backbone", "head", "dataset"):
         assert registry.plugins(kind), kind

@@ -305,13 +305,13 @@ def test_attention_backend_and_compile_are_configuration(tiny_recipe, monkeypatc
     import torch._inductor.cpp_builder as cpp_builder
 
     from sandbox.config.build import build
-    from sandbox.core.transformer import MARConfig, MARTransformer
+    from sandbox.core.transformer import MARBackbone, MARConfig
     from sandbox.errors import UserError
     from sandbox.fast.attention import set_attention_backend, xformers_available
     from sandbox.fast.compile import compile_blocks
 
-    tr = MARTransformer(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
-                                  decoder_heads=2, buffer_size=2), 16, 5, 4)
+    tr = MARBackbone(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
+                               decoder_heads=2, buffer_size=2), 16, 5)
     if not xformers_available():
         with pytest.raises(UserError, match="xformers is not installed"):
             set_attention_backend(tr, "xformers")
@@ -320,9 +320,10 @@ def test_attention_backend_and_compile_are_configuration(tiny_recipe, monkeypatc
     exp = build(recipe_parser().parse_args(["--config", str(tiny_recipe)]))
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "c++")  # nothing is compiled here
     compile_blocks(exp.model)  # wraps in place (compiles on the first call): names and checkpoints unchanged
-    blocks = [*exp.model.transformer.encoder_blocks, *exp.model.head.net.res_blocks]
+    blocks = [*exp.model.backbone.encoder_blocks, *exp.model.head.net.res_blocks]
     assert all(b._compiled_call_impl is not None for b in blocks)
-    assert all(k.startswith(("transformer.", "head.")) and "_orig_mod" not in k for k in exp.model.state_dict())
+    assert all(k.startswith(("condition.", "backbone.", "head.")) and "_orig_mod" not in k
+               for k in exp.model.state_dict())
     assert exp.model.head.compiled_sampling  # and the head's sampling steps
 
 

@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import class_tokens, make_mar
 
 from sandbox import fast
-from sandbox.core.transformer import MARConfig, MARTransformer
+from sandbox.core.transformer import MARBackbone, MARConfig
 from sandbox.plugins.heads.diffusion import DiffusionHead
 from sandbox.plugins.heads.flow import FlowHead
 from sandbox.plugins.heads.gaussian_diffusion import (
@@ -76,8 +77,8 @@ def test_compiled_sampling_matches_the_eager_loop(make):
 def test_decoding_only_the_predicted_positions():
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
                     decoder_heads=2, buffer_size=3)
-    tr = fast.apply(randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4)))
-    seq, labels = torch.randn(4, 16, 5), torch.arange(4)
+    tr = fast.apply(randomized(MARBackbone(cfg, seq_len=16, token_dim=5)))
+    seq, labels = torch.randn(4, 16, 5), class_tokens(torch.arange(4), 32)
     known = torch.zeros(4, 16, dtype=torch.bool)
     for step in RandomOrdering((4, 4)).sampling_plan(4, 4, torch.Generator().manual_seed(0)):
         with torch.no_grad():
@@ -91,8 +92,8 @@ def test_decoding_only_the_predicted_positions():
 def test_training_decodes_only_the_loss_positions():
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
                     decoder_heads=2, buffer_size=3, attn_dropout=0.0, proj_dropout=0.0)
-    tr = fast.apply(randomized(MARTransformer(cfg, seq_len=16, token_dim=5, num_classes=4))).train()
-    seq, labels = torch.randn(4, 16, 5), torch.arange(4)
+    tr = fast.apply(randomized(MARBackbone(cfg, seq_len=16, token_dim=5))).train()
+    seq, labels = torch.randn(4, 16, 5), class_tokens(torch.arange(4), 32)
     split = RandomOrdering((4, 4)).training_split(seq, torch.Generator().manual_seed(0))
     loss_at = split.weight > 0
     full = tr(split.inputs, split.visible, labels)[loss_at]  # (N, D)
@@ -124,15 +125,14 @@ def test_decoder_nll_only_where_t_is_zero():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])  # with dropout, the recomputed blocks must replay the masks
 def test_gradient_checkpointing_changes_no_gradient(dropout):
-    from sandbox.core.model import MAR
 
     def grads(checkpointing: bool):
         torch.manual_seed(0)
         cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
                         decoder_heads=2, buffer_size=2, attn_dropout=dropout, proj_dropout=dropout,
                         grad_checkpointing=checkpointing)
-        model = MAR(MARTransformer(cfg, 16, 5, 4),
-                    DiffusionHead(5, 32, width=24, depth=2, grad_checkpointing=checkpointing)).train()
+        model = make_mar(cfg, 16, 5, 4, DiffusionHead(5, 32, width=24, depth=2,
+                                                      grad_checkpointing=checkpointing)).train()
         seq = torch.randn(3, 16, 5, generator=torch.Generator().manual_seed(1))
         g = torch.Generator().manual_seed(2)
         torch.manual_seed(3)  # the dropout masks
@@ -178,8 +178,8 @@ def test_cpu_dropout_gradient_uses_the_forward_mask():
 def test_transformer_blocks_use_the_cpu_dropout():
     from sandbox.fast.dropout import Dropout
 
-    tr = MARTransformer(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32,
-                                  decoder_depth=1, decoder_heads=2, proj_dropout=0.2), 16, 5, 4)
+    tr = MARBackbone(MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32,
+                               decoder_depth=1, decoder_heads=2, proj_dropout=0.2), 16, 5)
     drops = [m for m in tr.modules() if isinstance(m, torch.nn.Dropout)]
     assert drops and all(type(m) is torch.nn.Dropout for m in drops)  # built plain
     fast.apply(tr)
@@ -270,13 +270,12 @@ def test_explicit_attention_dropout_is_seeded_and_chunk_independent():
 
 def test_cpu_kernels_step_aside_under_torch_compile():
     from sandbox.core.adaln_mlp import ResBlock
-    from sandbox.core.model import MAR
 
     torch.manual_seed(0)
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=1,
                     decoder_heads=2, buffer_size=2)
-    model = fast.apply(MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=1))).train()
-    for blk in list(model.transformer.encoder_blocks) + list(model.transformer.decoder_blocks):
+    model = fast.apply(make_mar(cfg, 16, 5, 4, DiffusionHead(5, 32, width=24, depth=1))).train()
+    for blk in list(model.backbone.encoder_blocks) + list(model.backbone.decoder_blocks):
         blk.compile(backend="aot_eager", dynamic=True)  # traced like inductor, without a C++ compiler
     for block in model.head.net.res_blocks:
         assert isinstance(block, ResBlock)
@@ -294,19 +293,18 @@ def test_cpu_kernels_step_aside_under_torch_compile():
 def _twins():
     """A plain MAR with random weights and its copy with the speed paths on (no dropout: the CPU masks draw
     other random numbers than nn.Dropout, by design)."""
-    from sandbox.core.model import MAR
 
     torch.manual_seed(0)
     cfg = MARConfig(encoder_dim=32, encoder_depth=1, encoder_heads=2, decoder_dim=32, decoder_depth=2,
                     decoder_heads=2, buffer_size=2, attn_dropout=0.0, proj_dropout=0.0)
-    plain = randomized(MAR(MARTransformer(cfg, 16, 5, 4), DiffusionHead(5, 32, width=24, depth=2, x0_clip=1.0,
-                                                                        num_sampling_steps=5)))
+    plain = randomized(make_mar(cfg, 16, 5, 4, DiffusionHead(5, 32, width=24, depth=2, x0_clip=1.0,
+                                                             num_sampling_steps=5)))
     return plain, fast.apply(copy.deepcopy(plain))
 
 
 def test_fast_paths_train_like_the_plain_model():
     plain, quick = _twins()
-    assert type(quick.transformer) is not type(plain.transformer)  # the twin classes are in place
+    assert type(quick.backbone) is not type(plain.backbone)  # the twin classes are in place
     seq, labels = torch.randn(6, 16, 5, generator=torch.Generator().manual_seed(1)), torch.arange(6) % 4
     losses, grads = [], []
     for model in (plain, quick):

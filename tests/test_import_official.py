@@ -10,7 +10,7 @@ import torch
 from conftest import fixture_files
 
 from sandbox.cli import main
-from sandbox.core.transformer import MARTransformer
+from sandbox.core.transformer import MARBackbone
 from sandbox.errors import UserError
 from sandbox.lab.official import (
     FACTORIES,
@@ -95,10 +95,11 @@ def test_architecture_of_the_released_sizes(name):
     width, depth, heads = FACTORIES[name]
     diffloss_w, diffloss_d = {"mar_base": (1024, 6), "mar_large": (1280, 8), "mar_huge": (1536, 12)}[name]
     with torch.device("meta"):  # shapes only: MAR-H is 943M parameters
-        tr = MARTransformer(mar_config(dict(encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
-                                            decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads,
-                                            buffer_size=64)), 256, 16, 1000)
+        tr = MARBackbone(mar_config(dict(encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
+                                         decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads,
+                                         buffer_size=64)), 256, 16)
         state = dict(tr.state_dict())
+        state["class_emb.weight"] = torch.empty(1000, width)  # the official MAR holds the class embedding itself
         state["diffloss.net.input_proj.weight"] = torch.empty(diffloss_w, 16)
         state.update({f"diffloss.net.res_blocks.{i}.in_ln.weight": torch.empty(diffloss_w) for i in range(diffloss_d)})
     arch = official_architecture(state, {"model": name})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from conftest import REPO
 
 MAX_FUNCTION_LINES = 80

@@ -11,11 +11,11 @@ from PIL import Image
 
 from sandbox.core.contracts import Tokenizer
 from sandbox.errors import UserError
-from sandbox.tasks.masks import composite, is_prefix, known_positions, parse_mask, token_known, token_pixels
 from sandbox.plugins.orderings.multiscale import MultiscaleOrdering
 from sandbox.plugins.orderings.random import RandomOrdering, random_orders
 from sandbox.plugins.orderings.raster import RasterOrdering
 from sandbox.plugins.tokenizers.pixels import PixelTokenizer
+from sandbox.tasks.masks import composite, is_prefix, known_positions, parse_mask, token_known, token_pixels
 
 ORDERINGS = {
     "random": lambda grid: RandomOrdering(grid),

@@ -324,7 +324,7 @@ def test_training_masks_agree_with_the_split(tmp_path, ordering):
 
     exp = build(tiny_recipe(tmp_path, ordering))
     seen = {}
-    split_of, forward_encoder, head_loss = exp.ordering.training_split, exp.model.transformer.forward_encoder, \
+    split_of, forward_encoder, head_loss = exp.ordering.training_split, exp.model.backbone.forward_encoder, \
         exp.model.head.loss
 
     def spy_split(seq, generator=None):
@@ -339,7 +339,7 @@ def test_training_masks_agree_with_the_split(tmp_path, ordering):
         seen["target"] = target
         return head_loss(target, cond, generator)
 
-    exp.ordering.training_split, exp.model.transformer.forward_encoder, exp.model.head.loss = \
+    exp.ordering.training_split, exp.model.backbone.forward_encoder, exp.model.head.loss = \
         spy_split, spy_encoder, spy_head
     g = torch.Generator().manual_seed(0)
     groups = exp.ordering.groups()
@@ -350,7 +350,7 @@ def test_training_masks_agree_with_the_split(tmp_path, ordering):
         assert torch.isfinite(loss)
         assert torch.equal(seen["visible"], split.visible) and torch.equal(seen["tokens"], split.inputs)
         rows = split.weight > 0  # (B, L)
-        mul = exp.model.transformer.config.head_batch_mul
+        mul = exp.model.config.head_batch_mul
         assert torch.equal(seen["target"], seq[rows].repeat(mul, 1))
         shown = split.visible & (split.inputs == seq).all(-1)  # (B, L) positions whose true value is shown
         assert not (rows & shown).any()
@@ -395,7 +395,7 @@ def test_quickstart_recipes_are_the_quickstart_with_another_ordering(tmp_path):
         for key in ("data", "tokenizer", "head", "model", "train", "sample", "seed"):  # the same budget
             assert composed[key] == quickstart[key], key
         exp = build(cfg)
-        assert exp.ordering.seq_len == L and exp.model.transformer.num_groups == exp.ordering.num_groups
+        assert exp.ordering.seq_len == L and exp.model.backbone.num_groups == exp.ordering.num_groups
 
 
 def test_multiscale_paper_recipe_is_mar_base_with_another_ordering():

@@ -88,15 +88,15 @@ def test_patchified_tokens(fx):
 
 @pytest.mark.parametrize("branch", ["", "_uncond"])
 def test_encoder_and_decoder(fx, branch):
-    tr = fx["model"].transformer
+    model = fx["model"]
     seq, inp = sequence(fx), fx["inputs"]
     B = seq.shape[0]
     uncond = torch.ones(B, dtype=torch.bool) if branch else None
     with torch.no_grad():
-        cond = tr.condition(inp["labels"], uncond, B)
-        enc, idx = tr.forward_encoder(seq, inp["mask"] == 0, cond)
-        dec = tr.forward_decoder(enc, idx)
-        full = tr(seq, inp["mask"] == 0, inp["labels"], uncond)
+        cond = model.condition(inp["labels"], uncond)  # ClassCondition: the class embedding or the fake latent
+        enc, idx, _ = model.backbone.forward_encoder(seq, inp["mask"] == 0, cond)
+        dec = model.backbone.forward_decoder(enc, idx)
+        full = model.backbone(seq, inp["mask"] == 0, cond)
     close(enc, fx["outputs"]["encoder_out" + branch])
     close(dec, fx["outputs"]["decoder_out" + branch])
     close(full, fx["outputs"]["decoder_out" + branch])

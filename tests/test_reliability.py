@@ -26,9 +26,9 @@ import torch
 import yaml
 from conftest import REPO, TINY_RECIPE
 
+import sandbox.run.data as data_module
 import sandbox.run.files as files_module
 import sandbox.run.rundir as rundir_module
-import sandbox.run.data as data_module
 import sandbox.run.trainer as train_module
 from sandbox.cli import main as cli_main
 from sandbox.config.recipe import recipe_parser

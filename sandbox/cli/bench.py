@@ -238,7 +238,7 @@ def _official_parts(cfg: Namespace, device):
     head_args = {} if cfg.grad_checkpointing is None else {"grad_checkpointing": cfg.grad_checkpointing}
     model = build_model(official, num_sampling_steps=steps, **head_args)
     if cfg.grad_checkpointing is not None:
-        model.transformer.config.grad_checkpointing = cfg.grad_checkpointing
+        model.config.grad_checkpointing = cfg.grad_checkpointing
     ordering = RandomOrdering(geo["grid"], mask_ratio_min=official.get("mask_ratio_min", 0.7))
     info = {"source": cfg.official_config, "official": dict(official)}
     return model, ordering, geo["token_dim"], geo["num_classes"], info, "auto", steps, None
@@ -286,7 +286,7 @@ def run(cfg: Namespace) -> None:
     bench = _settings(cfg, sc, tc, precision, device)
     _prepare(model, cfg, bench, device)
     memory = PeakMemory(device)
-    tr = model.transformer
+    tr = model  # its config: the model settings
     result = {
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "dtype": str(bench["amp_dtype"] or torch.float32).replace("torch.", ""),
@@ -345,7 +345,7 @@ def _prepare(model, cfg: Namespace, bench: dict, device) -> None:
     """The speed paths, the attention kernel and ``torch.compile`` as the run would use them, on ``device``."""
     from sandbox import fast
 
-    fast.apply(model, bench["fast_paths"], cfg.attention or model.transformer.config.attention)
+    fast.apply(model, bench["fast_paths"], cfg.attention or model.config.attention)
     model.to(device)
     if bench["compile"]:
         from sandbox.fast.compile import compile_blocks

@@ -1,6 +1,6 @@
-"""Building an experiment from a parsed recipe: the tokenizer, the ordering on its token grid, the transformer
-and the head, with the arguments that depend on other parts passed in by the core (never written in a recipe),
-and the dataset when training."""
+"""Building an experiment from a parsed recipe: the tokenizer, the ordering on its token grid, the backbone, the
+condition and the head, with the arguments that depend on other parts passed in by the core (never written in
+a recipe), and the dataset when training."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from jsonargparse import Namespace
 
-from sandbox.config.recipe import instantiate
-from sandbox.core.contracts import Dataset, Ordering, Tokenizer
+from sandbox.config.recipe import instantiate, slot_classes
+from sandbox.core.contracts import Dataset, Head, Ordering, Tokenizer
 from sandbox.core.model import MAR
-from sandbox.core.transformer import MARTransformer
 from sandbox.errors import UserError
 
 
@@ -45,15 +44,46 @@ def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
     grid = tokenizer.grid_size(meta["image_size"])
     ordering = instantiate(cfg, "ordering", grid)
     model_cfg = instantiate(cfg, "model")
-    transformer = MARTransformer(model_cfg, ordering.seq_len, tokenizer.token_dim, meta["num_classes"],
-                                 ordering.num_groups)
-    transformer.set_groups(ordering.groups())
-    head = instantiate(cfg, "head", tokenizer.token_dim, model_cfg.decoder_dim)
-    if head.token_dim != tokenizer.token_dim or head.cond_dim != model_cfg.decoder_dim:
+    backbone = instantiate(cfg, "backbone", model_cfg, ordering.seq_len, tokenizer.token_dim, ordering.num_groups)
+    backbone.check_ordering(ordering)  # e.g. a backbone that generates one token per step
+    backbone.set_groups(ordering.groups())
+    condition = instantiate(cfg, "condition", backbone.cond_width, meta["num_classes"])
+    head = build_head(cfg, tokenizer, backbone.out_dim)
+    if head.token_dim != tokenizer.token_dim or head.cond_dim != backbone.out_dim:
         raise UserError(
             f"head {type(head).__name__} has token_dim {head.token_dim} / cond_dim {head.cond_dim} but the tokenizer "
-            f"gives {tokenizer.token_dim}-dim tokens and the decoder {model_cfg.decoder_dim}-dim conditions"
-        )
+            f"gives {tokenizer.token_dim}-dim tokens and backbone {type(backbone).__name__} {backbone.out_dim}-dim "
+            "conditions")
     tokenizer.requires_grad_(False).eval()
-    return Experiment(cfg, tokenizer, ordering, MAR(transformer, head), meta["image_size"], meta["num_classes"],
-                      dataset, meta)
+    return Experiment(cfg, tokenizer, ordering, MAR(condition, backbone, head, model_cfg), meta["image_size"],
+                      meta["num_classes"], dataset, meta)
+
+
+def build_head(cfg: Namespace, tokenizer: Tokenizer, cond_dim: int) -> Head:
+    """``HeadClass(token_dim, cond_dim, **required, **init_args)``: ``required`` holds the tokenizer properties the
+    head names in ``requires`` (e.g. ``codebook``). One error line naming both plugins when the tokenizer has none
+    of them, or when the head refuses what it was given (say, a codebook of another size)."""
+    cls = slot_classes(cfg)["head"]
+    names = tuple(getattr(cls, "requires", ()))
+    pair = f"head {cls.__name__} and tokenizer {type(tokenizer).__name__}"
+    init_args = cfg.head.get("init_args") or Namespace()
+    given = [n for n in names if init_args.get(n) is not None]
+    if given:
+        raise UserError(f"{pair}: head.init_args.{given[0]} comes from the tokenizer, never from the recipe; "
+                        "remove it")
+    required = {n: getattr(tokenizer, n, None) for n in names}
+    missing = [n for n, v in required.items() if v is None]
+    if missing:
+        raise UserError(f"{pair} do not fit: the head needs the tokenizer's {missing[0]}, which this tokenizer "
+                        f"does not have ({missing[0]} is None{_NONE_MEANS.get(missing[0], '')})")
+    try:
+        return instantiate(cfg, "head", tokenizer.token_dim, cond_dim, **required)
+    except UserError as e:
+        if not required:
+            raise
+        shapes = ", ".join(f"{n} {tuple(v.shape) if hasattr(v, 'shape') else v}" for n, v in required.items())
+        reason = str(e).removeprefix(f"cannot build head {cls.__name__}: ")
+        raise UserError(f"{pair} do not fit: {reason} (given the tokenizer's {shapes})") from e
+
+
+_NONE_MEANS = {"codebook": ": its tokens are continuous"}  # what a None tokenizer property means

@@ -17,7 +17,7 @@ from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from sandbox.config.schema import SLOT_HELP, SLOT_TYPES
+from sandbox.config.schema import SLOT_DEFAULTS, SLOT_HELP, SLOT_TYPES
 from sandbox.core.checks import check_class
 from sandbox.core.contracts import KINDS
 from sandbox.errors import UserError
@@ -41,11 +41,14 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     for key, typ in SLOT_TYPES.items():
         if key in ("model", "train", "sample"):
             parser.add_argument(f"--{key}", type=typ, default=typ(), help=SLOT_HELP[key])
+        elif key in SLOT_DEFAULTS:
+            parser.add_argument(f"--{key}", type=typ, default=SLOT_DEFAULTS[key].clone(), help=SLOT_HELP[key])
         else:
             parser.add_argument(f"--{key}", type=typ, required=True, help=SLOT_HELP[key])
 
 
-RECIPE_KEYS = ("seed", "plugins", "data", "tokenizer", "ordering", "head", "model", "train", "sample")
+RECIPE_KEYS = ("seed", "plugins", "data", "tokenizer", "ordering", "condition", "backbone", "head", "model", "train",
+               "sample")
 
 
 def recipe_parser() -> ArgumentParser:
@@ -66,8 +69,11 @@ _OLD_BUILTINS = "plugins."
 
 def upgrade_recipe(recipe: dict) -> dict:
     """A stored recipe in today's terms: class paths of the built-ins as they were stored before 0.2
-    (``plugins.heads.diffusion.DiffusionHead``) name ``sandbox.plugins...``."""
+    (``plugins.heads.diffusion.DiffusionHead``) name ``sandbox.plugins...``; recipes before 0.3 name no condition
+    and no backbone, which were MAR's class embedding and transformer (the defaults)."""
     out = dict(recipe)
+    for slot, default in SLOT_DEFAULTS.items():
+        out.setdefault(slot, default.as_dict())
     for slot in _SLOT_KIND:
         part = out.get(slot)
         if isinstance(part, dict) and str(part.get("class_path", "")).startswith(_OLD_BUILTINS):
@@ -91,8 +97,10 @@ def parse_recipe(recipe: dict, origin: str = "the stored recipe") -> Namespace:
 
 
 # jsonargparse's words for a class name it cannot resolve: in a plugin slot, that is an unknown plugin
-_UNRESOLVED = re.compile(r'Parser key "(data|tokenizer|ordering|head)":\s+Expected a dot import path string: (\S+)')
-_SLOT_KIND = {"data": "dataset", "tokenizer": "tokenizer", "ordering": "ordering", "head": "head"}
+_UNRESOLVED = re.compile(r'Parser key "(data|tokenizer|ordering|condition|backbone|head)":\s+Expected a dot import path '
+                         r'string: (\S+)')
+_SLOT_KIND = {"data": "dataset", "tokenizer": "tokenizer", "ordering": "ordering", "condition": "condition",
+              "backbone": "backbone", "head": "head"}
 
 
 def one_line(e: BaseException) -> str:
@@ -109,9 +117,10 @@ def one_line(e: BaseException) -> str:
     return msg.rstrip(" .:")
 
 
-def instantiate(cfg: Namespace, key: str, *injected):
+def instantiate(cfg: Namespace, key: str, *injected, **injected_kw):
     """Build one slot of a parsed recipe; the others (e.g. an expensive dataset) stay unbuilt. ``injected``:
-    the arguments the core passes an ordering (grid) or a head (token_dim, cond_dim) before its init_args."""
+    the arguments the core passes a plugin before its init_args (an ordering's grid, a head's token_dim and
+    cond_dim, ...); ``injected_kw``: the tokenizer properties a head ``requires`` (e.g. codebook)."""
     single = ArgumentParser(exit_on_error=False)
     single.add_argument(f"--{key}", type=SLOT_TYPES[key])
     sub = Namespace()
@@ -122,7 +131,7 @@ def instantiate(cfg: Namespace, key: str, *injected):
         check_class(kind, _resolve(cfg[key].class_path), KINDS[kind])  # callable the way the core calls it
     try:
         built = single.instantiate(sub)[key]
-        return built(*injected) if injected else built
+        return built(*injected, **injected_kw) if injected else built
     except UserError:
         raise
     except Exception as e:  # a plugin's constructor refusing its settings (or failing): one line that says where

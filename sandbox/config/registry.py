@@ -10,7 +10,8 @@ inside a function, not marked ``__abstract_plugin__ = True`` (a shared base
 class of several plugins), and still reachable as ``module.Name``.
 
 Three sources, loaded in this order:
-    built-in        every module under the ``plugins`` package
+    built-in        every module under ``sandbox.plugins`` (the repository's plugins/), and the method's own
+                    backbone and condition (sandbox/core/transformer.py, condition.py)
     entry points    group ``mar_sandbox.plugins`` of installed packages; each names a module (or an object in it)
     plugin files    ``--plugin FILE`` on the command line, or ``plugins: [FILE, ...]`` in a recipe
 
@@ -43,6 +44,8 @@ ENTRY_POINT_GROUP = "mar_sandbox.plugins"
 FILE_MODULE_PREFIX = "sandbox_plugin_"
 
 
+CORE_PLUGIN_MODULES = ("sandbox.core.transformer", "sandbox.core.condition")  # MARBackbone, ClassCondition
+
 _sources: dict[str, str] = {}  # module name -> where it came from ("built-in", "entry point x (pkg 1.0)", "file p")
 _files: dict[str, Path] = {}  # module name -> the plugin file it was loaded from
 _builtins_loaded = False
@@ -71,6 +74,8 @@ def load_builtins() -> None:
     for info in pkgutil.walk_packages(plugins.__path__, prefix="sandbox.plugins."):
         module = importlib.import_module(info.name)
         _sources.setdefault(module.__name__, "built-in")
+    for name in CORE_PLUGIN_MODULES:  # the method's own backbone and condition are plugins of their kinds too
+        _sources.setdefault(importlib.import_module(name).__name__, "built-in")
     _builtins_loaded = True
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-from sandbox.core.contracts import Dataset, Head, Ordering, Tokenizer
+from jsonargparse import Namespace
+
+from sandbox.core.contracts import Backbone, Condition, Dataset, Head, Ordering, Tokenizer
 from sandbox.core.transformer import MARConfig
 
 
@@ -68,12 +70,15 @@ class SampleConfig:
     grid_per_class: int = 8  # columns of a training sample grid
 
 
-# the recipe's slots: plugin slots name a subclass; an ordering is built with the token grid (h, w),
-# a head with (token_dim, cond_dim), so those never appear in a recipe and cannot disagree
+# the recipe's slots: plugin slots name a subclass; what depends on other parts is passed in by the core, so it
+# never appears in a recipe and cannot disagree: an ordering gets the token grid (h, w), a condition (width,
+# num_classes), a backbone (model settings, seq_len, token_dim, num_groups), a head (token_dim, cond_dim)
 SLOT_TYPES = {
     "data": Dataset,
     "tokenizer": Tokenizer,
     "ordering": Callable[[tuple[int, int]], Ordering],
+    "condition": Callable[[int, int], Condition],
+    "backbone": Callable[[MARConfig, int, int, int], Backbone],
     "head": Callable[[int, int], Head],
     "model": MARConfig,
     "train": TrainConfig,
@@ -83,8 +88,15 @@ SLOT_HELP = {
     "data": "Dataset plugin.",
     "tokenizer": "Tokenizer plugin.",
     "ordering": "Ordering plugin (the core passes the token grid).",
+    "condition": "Condition plugin (the core passes the backbone's width and the dataset's num_classes).",
+    "backbone": "Backbone plugin (the core passes the model settings, seq_len, token_dim and num_groups).",
     "head": "Head plugin (the core passes token_dim and cond_dim).",
-    "model": "MAR transformer settings.",
+    "model": "Model settings: widths, depths, heads, dropout, the buffer, label drop (every backbone reads them).",
     "train": "Training settings.",
     "sample": "Sampling defaults.",
+}
+# plugin slots with a default: MAR's class condition and transformer (recipes before 0.3 name neither)
+SLOT_DEFAULTS = {
+    "condition": Namespace(class_path="sandbox.core.condition.ClassCondition"),
+    "backbone": Namespace(class_path="sandbox.core.transformer.MARBackbone"),
 }

@@ -21,11 +21,13 @@ from sandbox.errors import UserError
 REQUIRED = {
     "tokenizer": {"encode": (2, ("sample",)), "decode": (1, ())},
     "ordering": {"training_split": (2, ()), "sampling_plan": (4, ())},
+    "condition": {"forward": (2, ("batch",))},
+    "backbone": {"forward": (3, ("query", "order"))},
     "head": {"loss": (3, ()), "sample": (5, ())},
     "dataset": {"__len__": (0, ()), "__getitem__": (1, ())},
 }
 # how many leading constructor arguments the core injects, per kind (sandbox.core.contracts documents them)
-INJECTED_ARGS = {"tokenizer": 0, "ordering": 1, "head": 2, "dataset": 0}
+INJECTED_ARGS = {"tokenizer": 0, "ordering": 1, "condition": 2, "backbone": 4, "head": 2, "dataset": 0}
 
 
 def with_article(word: str) -> str:
@@ -143,13 +145,15 @@ def check_step(ordering, step, batch: int, length: int) -> None:
                                            f"{getattr(p, 'dtype', '')}; expected ({batch}, {length}) bool")
 
 
-def check_plan_covered(ordering, times: Tensor) -> None:
-    """After sampling: ``times`` (B, L), how often each position was predicted, is 1 everywhere (one sync)."""
-    never, twice = torch.stack([(times == 0).sum(), (times > 1).sum()]).tolist()
-    if never or twice:
-        raise broken(ordering, "ordering", f"sampling_plan left {never} (image, position) pairs never predicted "
-                                           f"and predicted {twice} more than once; a plan predicts every "
-                                           "position exactly once")
+def check_plan_covered(ordering, times: Tensor, expected: Tensor) -> None:
+    """After sampling: ``times`` (B, L), how often each position was predicted, is 1 where ``expected`` (B, L)
+    bool (the positions not known at the start) and 0 elsewhere (one sync)."""
+    never, twice, known = torch.stack([((times == 0) & expected).sum(), (times > 1).sum(),
+                                       ((times > 0) & ~expected).sum()]).tolist()
+    if never or twice or known:
+        raise broken(ordering, "ordering", f"sampling_plan left {never} (image, position) pairs never predicted, "
+                                           f"predicted {twice} more than once and {known} that were known; a "
+                                           "plan predicts every unknown position exactly once")
 
 
 def check_visible_counts(fewest: int, most: int) -> None:

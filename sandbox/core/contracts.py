@@ -1,4 +1,4 @@
-"""The plugin kinds: Tokenizer, Ordering, Head, Dataset -- the contracts, with shapes.
+"""The plugin kinds: Tokenizer, Ordering, Condition, Backbone, Head, Dataset -- the contracts, with shapes.
 
 A plugin is a subclass of one of these base classes. Recipes name it with a
 jsonargparse ``class_path`` (the short class name works) and ``init_args``.
@@ -14,8 +14,15 @@ what is trained), ``Head.repeated_blocks`` (what ``torch.compile`` compiles)
 and ``Dataset.latents`` (how a batch of items becomes latents: a latent cache
 skips the encoder).
 
+Data flows one way: a batch of images becomes a latent grid (Tokenizer), a
+token sequence with a visible / loss split (Ordering), condition tokens
+(Condition: a class, a caption, an image), one condition vector per position
+the head predicts (Backbone), and a loss (Head). Generation runs the same path
+backwards.
+
 Shape alphabet: B batch, L sequence length, C token dim, D condition dim,
-c latent channels, h/w token grid, H/W image, N rows given to a head.
+c latent channels, h/w token grid, H/W image, N rows given to a head,
+T condition tokens, W model width.
 
 References:
     MAR: Li et al., "Autoregressive Image Generation without Vector Quantization", NeurIPS 2024.
@@ -31,7 +38,8 @@ from torch import Tensor, nn
 from sandbox.core.checks import check_images
 from sandbox.errors import UserError
 
-__all__ = ["Tokenizer", "Ordering", "Head", "Dataset", "TrainingSplit", "SampleStep", "KINDS"]
+__all__ = ["Tokenizer", "Ordering", "Condition", "Backbone", "Head", "Dataset", "TrainingSplit", "SampleStep",
+           "ConditionTokens", "BackboneSampler", "KINDS"]
 
 
 # --------------------------------------------------------------------------------------
@@ -133,6 +141,7 @@ class TrainingSplit:
     inputs: Tensor  # (B, L, C) token values the encoder reads at visible positions
     visible: Tensor  # (B, L) bool; every row has the same number of visible positions
     weight: Tensor  # (B, L) float loss weight per position; 0 means no loss there
+    order: Tensor | None = None  # (B, L) long: the generation order, for a backbone that trains causally
 
 
 @dataclass
@@ -221,6 +230,13 @@ class Ordering:
         """
         return rearrange(grid_known, "b h w -> b (h w)")
 
+    def generation_order(self, batch: int, generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu") -> Tensor:
+        """(B, L) long: each row a permutation of the positions, the order in which they are generated one at a
+        time -- what a causal backbone trains on (teacher forcing in this order). Default: the sequence order
+        (raster for a flat grid, coarse to fine for a pyramid); a random-order ordering draws a permutation."""
+        return torch.arange(self.seq_len, device=device).expand(batch, -1)
+
     def step_inputs(self, tokens: Tensor, known: Tensor, step: SampleStep) -> tuple[Tensor, Tensor]:
         """Before a sampling step: (tokens (B,L,C), known (B,L) bool) -> (encoder inputs, visible).
 
@@ -241,6 +257,130 @@ class Ordering:
         kept = tokens * known[..., None].to(tokens.dtype)  # (B, L, C) unknown positions zeroed
         shown = self.to_grid(known[..., None].to(tokens.dtype))[:, 0] > 0.5  # (B, h, w)
         return self.to_grid(kept), shown
+
+
+# --------------------------------------------------------------------------------------
+# Condition: a batch's conditioning data -> tokens the backbone reads
+# --------------------------------------------------------------------------------------
+@dataclass
+class ConditionTokens:
+    """What a condition gives the backbone: ``tokens`` (B, T, W) and, when some are padding, ``mask`` (B, T) bool
+    (True: a real token). One token (T = 1) conditions the whole sequence (MAR repeats it over its buffer)."""
+
+    tokens: Tensor
+    mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+class Condition(nn.Module):
+    """What a sample is conditioned on -- a class label, a caption, an image -- as tokens the backbone reads, and
+    the "no condition" value that classifier-free guidance and condition dropout use.
+
+    Built by the core as ``ConditionClass(width, num_classes, **init_args)``: ``width`` is the backbone's
+    (``Backbone.cond_width``), ``num_classes`` the dataset's. ``field`` names the part of a batch it reads:
+    a dataset item is (image, data) where data is a class index, or a dict of fields ({"label": 3, "text": "a
+    handwritten three"}); batched, ``data`` is a (B,) tensor or a dict of (B,) tensors / lists.
+    """
+
+    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+    resumable_args: tuple[str, ...] = ()  # init_args a resumed run may change (they do not change what is trained)
+    field: str = "label"  # the batch field it reads
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.width, self.num_classes = int(width), int(num_classes)
+
+    def select(self, data):
+        """This condition's field of a batch's conditioning data (the data itself when it is not a dict)."""
+        if isinstance(data, dict):
+            if self.field not in data:
+                raise UserError(f"condition {type(self).__name__} reads the field {self.field!r}, but the batch "
+                                f"holds {sorted(data)}; use a dataset that provides it")
+            return data[self.field]
+        return data
+
+    def forward(self, data, drop: Tensor | None = None, batch: int | None = None) -> ConditionTokens:
+        """The batch's conditioning ``data`` (or None: unconditional, ``batch`` rows) -> ConditionTokens with B
+        rows; rows where ``drop`` (B,) bool is True get the null condition (label drop in training, the
+        unconditional half of classifier-free guidance)."""
+        raise NotImplementedError
+
+    def null(self, batch: int) -> ConditionTokens:
+        """The "no condition" value for ``batch`` rows: what ``forward`` gives every dropped row."""
+        return self.forward(None, batch=batch)
+
+    def example(self, batch: int, generator: torch.Generator | None = None):
+        """A batch of the data this condition reads (the contract kit and ``sandbox bench`` feed it): class
+        labels by default."""
+        return torch.randint(0, max(self.num_classes, 1), (batch,), generator=generator)
+
+
+# --------------------------------------------------------------------------------------
+# Backbone: (tokens, what is known, the condition) -> a condition vector per predicted position
+# --------------------------------------------------------------------------------------
+class BackboneSampler:
+    """One generation's state of a backbone: ``step`` gives the conditions of the positions a sampling step
+    predicts. The default is stateless (every step a full forward); a causal backbone keeps a KV cache here."""
+
+    def __init__(self, backbone: "Backbone", cond: ConditionTokens):
+        self.backbone, self.cond = backbone, cond
+
+    def step(self, tokens: Tensor, visible: Tensor, predict: Tensor) -> Tensor:
+        """tokens (B, L, C) (the ordering's step inputs), visible (B, L) bool, predict (B, L) bool -> the
+        conditions of the predicted positions (N, D), row-major."""
+        return self.backbone(tokens, visible, self.cond, query=predict)
+
+
+class Backbone(nn.Module):
+    """Turns a partly known token sequence and the condition into one vector per position the head predicts.
+
+    Built by the core as ``BackboneClass(model, seq_len, token_dim, num_groups, **init_args)``: ``model`` is the
+    recipe's ``model:`` settings (widths, depths, heads, dropout, buffer: sandbox.core.transformer.MARConfig),
+    so backbones compared in one study have the same size. It sets ``out_dim`` (D, the head's ``cond_dim``)
+    and ``cond_width`` (W, the width of the condition tokens it reads).
+
+    Training: ``forward(tokens, visible, cond, query, order)`` -> (N, D) at ``query`` positions (row-major);
+    ``training_split`` decides what a training step shows it (default: the ordering's split). Sampling:
+    ``start_sampling(cond)`` returns a ``BackboneSampler`` whose ``step`` is called once per step of the plan.
+    """
+
+    contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
+    resumable_args: tuple[str, ...] = ()  # init_args a resumed run may change (they do not change what is trained)
+    out_dim: int = 0  # D: the width of the conditions it gives the head
+    cond_width: int = 0  # W: the width of the condition tokens it reads
+    one_token_per_step: bool = False  # True: every sampling step must predict exactly one position
+
+    def __init__(self, model, seq_len: int, token_dim: int, num_groups: int = 1):
+        super().__init__()
+        self.seq_len, self.token_dim, self.num_groups = int(seq_len), int(token_dim), int(num_groups)
+
+    def forward(self, tokens: Tensor, visible: Tensor, cond: ConditionTokens, query: Tensor | None = None,
+                order: Tensor | None = None) -> Tensor:
+        """tokens (B, L, C), visible (B, L) bool, cond (B rows), query (B, L) bool -> z[query] (N, D) (or every
+        position, (B, L, D), without ``query``); ``order`` (B, L): the split's generation order, if any."""
+        raise NotImplementedError
+
+    def training_split(self, ordering: "Ordering", seq: Tensor, generator: torch.Generator | None = None
+                       ) -> TrainingSplit:
+        """What a training step shows this backbone: the ordering's split (a bidirectional backbone), or teacher
+        forcing in the ordering's ``generation_order`` (a causal one)."""
+        return ordering.training_split(seq, generator)
+
+    def start_sampling(self, cond: ConditionTokens) -> BackboneSampler:
+        """A new generation of ``len(cond)`` rows (with guidance: the conditional rows, then the unconditional)."""
+        return BackboneSampler(self, cond)
+
+    def check_ordering(self, ordering: "Ordering") -> None:
+        """Raise UserError when this backbone cannot work with ``ordering`` (default: any ordering)."""
+
+    def set_groups(self, groups: Tensor) -> None:
+        """Take the ordering's (L,) position groups (e.g. scales); ignored by default."""
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The blocks ``torch.compile`` compiles one by one; default: none."""
+        return []
 
 
 # --------------------------------------------------------------------------------------
@@ -364,4 +504,5 @@ class Dataset(torch.utils.data.Dataset):
         return None
 
 
-KINDS: dict[str, type] = {"tokenizer": Tokenizer, "ordering": Ordering, "head": Head, "dataset": Dataset}
+KINDS: dict[str, type] = {"tokenizer": Tokenizer, "ordering": Ordering, "condition": Condition, "backbone": Backbone,
+                          "head": Head, "dataset": Dataset}

@@ -1,10 +1,10 @@
-"""The sampling core: the ordering's plan -> MAR -> head.sample -> tokenizer.decode.
+"""The sampling core: the ordering's plan -> backbone -> head.sample -> tokenizer.decode.
 
-One loop serves every ordering and head: start with nothing known; at each
-step of the ordering's plan, the transformer conditions every position on the
-known tokens, the head samples the positions the step predicts (with
-classifier-free guidance on a doubled batch), and they become known. The
-tokenizer decodes the final grid.
+One loop serves every ordering, backbone and head: start with nothing known (or, for editing tasks, with the
+known tokens of an image); at each step of the ordering's plan, the backbone conditions the positions the step
+predicts on the known tokens and the condition, the head samples them (with classifier-free guidance on a
+doubled batch), and they become known. The tokenizer decodes the final grid. A backbone keeps what it reuses
+between steps (a causal backbone's KV cache) in the sampler it starts for each generation.
 
 References:
     MAR sec. 4-5 and official ``sample_tokens`` (cosine schedule, linear CFG, temperature);
@@ -39,7 +39,7 @@ def sample_tokens(
     model,
     ordering,
     token_dim: int,
-    labels: Tensor | None,
+    labels,
     num_images: int | None = None,
     num_iter: int = 64,
     cfg: float = 1.0,
@@ -49,50 +49,80 @@ def sample_tokens(
     progress: bool = False,
     on_step: Callable[[StepState], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    start: tuple[Tensor, Tensor] | None = None,
+    head_steps: Callable[[SampleStep], int | None] | None = None,
 ) -> Tensor:
-    """Token sequences (B, L, C) for ``labels`` (B,) (or ``num_images`` unconditional ones): the sampling core.
+    """Token sequences (B, L, C) for the conditioning data ``labels`` (class labels (B,), or a dict of fields; None:
+    ``num_images`` unconditional ones): the sampling core.
 
-    ``model`` is a ``MAR`` (transformer + head), ``ordering`` gives the plan.
+    ``model`` is a ``MAR`` (condition + backbone + head), ``ordering`` gives the plan. ``start`` = (tokens
+    (B, L, C), known (B, L) bool) begins from known tokens (editing tasks): the plan predicts only the others,
+    which the known ones condition. ``head_steps(step)`` gives the head's step count at each step (a schedule
+    over the generation; None: the head's own).
     """
-    transformer, head = model.transformer, model.head
-    device = next(model.parameters()).device
-    B = labels.shape[0] if labels is not None else int(num_images)
+    device = model.device
+    B = batch_size(labels, num_images)
     L, C = ordering.seq_len, token_dim
     guided = cfg != 1.0 and labels is not None
-    if labels is not None:
-        labels = labels.to(device)
-        labels2 = torch.cat([labels, labels]) if guided else labels  # (2B,) conditional rows, then fake-latent rows
-
-    plan = ordering.sampling_plan(B, num_iter, generator, device)
-    tokens = torch.zeros(B, L, C, device=device)  # (B, L, C)
-    known = torch.zeros(B, L, dtype=torch.bool, device=device)  # (B, L)
-    times = torch.zeros(B, L, dtype=torch.int32, device=device)  # (B, L) predictions per position: 1 at the end
-    uncond = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(device)
+    sampler = model.backbone.start_sampling(model.conditions(to_device(labels, device), B, guided=guided))
+    tokens = torch.zeros(B, L, C, device=device) if start is None else start[0].to(device, torch.float32).clone()
+    known = torch.zeros(B, L, dtype=torch.bool, device=device) if start is None else start[1].to(device).clone()
+    plan = ordering.sampling_plan(B, num_iter, generator, device, **({} if start is None else {"known": known}))
+    times = torch.zeros(B, L, dtype=torch.int32, device=device)  # (B, L) predictions per position
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    expected = ~known  # (B, L) the positions the plan must predict, once each
     for i, step in enumerate(tqdm(plan, desc="sampling", disable=not progress, leave=False)):
         check_step(ordering, step, B, L)
-        inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
         with amp:
-            if guided:  # one pass for both branches: conditional rows first, then the fake-latent rows
-                z = transformer(torch.cat([inputs, inputs]), torch.cat([visible, visible]), labels2, uncond,
-                                query=torch.cat([step.predict, step.predict]))  # (2N, D): only predicted positions
-                cond, unc = z[: z.shape[0] // 2], z[z.shape[0] // 2 :]  # (N, D) each
-            else:
-                cond, unc = transformer(inputs, visible, labels, query=step.predict), None  # (N, D)
-            new = model.call_head("sample", cond, temperature, cfg_at(cfg, cfg_schedule, step.progress), unc,
-                                  generator)  # (N, C)
-        check_rows(head, "sample", new, (cond.shape[0], C))
+            new = sample_step(model, ordering, sampler, tokens, known, step, guided, cfg_at(cfg, cfg_schedule,
+                              step.progress), temperature, generator, head_steps)  # (N, C)
         tokens[step.predict] = new.to(tokens.dtype)
         known |= step.predict
         times += step.predict
         if on_step is not None:
             on_step(StepState(i, step, tokens, known))
-    check_plan_covered(ordering, times)
+    check_plan_covered(ordering, times, expected)
     return tokens
 
 
+def sample_step(model, ordering, sampler, tokens: Tensor, known: Tensor, step: SampleStep, guided: bool, scale: float,
+                temperature: float, generator, head_steps) -> Tensor:
+    """One step of the plan: the backbone conditions the positions the step predicts on what is known, the head
+    samples them (N, C), guided with ``scale`` (classifier-free guidance on a doubled batch: conditional rows,
+    then unconditional rows)."""
+    inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
+    predict = step.predict
+    if guided:  # one pass for both branches
+        inputs, visible, predict = torch.cat([inputs, inputs]), torch.cat([visible, visible]), torch.cat([predict] * 2)
+    z = sampler.step(inputs, visible, predict)  # (N or 2N, D): only the predicted positions
+    cond, unc = (z[: z.shape[0] // 2], z[z.shape[0] // 2 :]) if guided else (z, None)  # (N, D) each
+    extra = {}
+    if head_steps is not None and (n := head_steps(step)) is not None:
+        extra["num_steps"] = n
+    new = model.call_head("sample", cond, temperature, scale, unc, generator, **extra)  # (N, C)
+    check_rows(model.head, "sample", new, (cond.shape[0], tokens.shape[-1]))
+    return new
+
+
+def batch_size(labels, num_images: int | None) -> int:
+    """Rows of conditioning data: a tensor's length, a dict's first field's, or ``num_images`` without data."""
+    if labels is None:
+        return int(num_images)
+    if isinstance(labels, dict):
+        return len(next(iter(labels.values())))
+    return len(labels)
+
+
+def to_device(data, device):
+    """Conditioning data with its tensors on ``device`` (lists of strings stay as they are)."""
+    if isinstance(data, dict):
+        return {k: to_device(v, device) for k, v in data.items()}
+    return data.to(device) if isinstance(data, Tensor) else data
+
+
 def generate(exp, labels: Tensor | None, num_images: int | None = None, model=None, **kwargs) -> Tensor:
-    """Generate images (B,3,H,W) in [-1,1] for ``labels`` (B,) (or ``num_images`` unconditional ones).
+    """Generate images (B,3,H,W) in [-1,1] for the conditioning data ``labels`` (class labels (B,) or a dict of
+    fields; None: ``num_images`` unconditional ones).
 
     ``exp`` is a built ``Experiment``; ``model`` overrides ``exp.model`` (e.g. with EMA weights);
     ``kwargs`` are those of ``sample_tokens`` (num_iter, cfg, cfg_schedule, temperature, generator, ...).

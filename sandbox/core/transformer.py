@@ -1,9 +1,11 @@
-"""The MAR transformer: tokens + visible mask + labels -> a condition vector z per position.
+"""The MAR backbone: tokens + visible mask + condition -> a condition vector z per position.
 
 A bidirectional MAE-style encoder-decoder ViT (timm ``Block``s). The encoder
-reads ``buffer_size`` class tokens plus the visible tokens only; the decoder
+reads ``buffer_size`` condition tokens plus the visible tokens only; the decoder
 puts a learned mask token at every hidden position and returns one condition
-vector per sequence position for the per-token head.
+vector per sequence position for the per-token head. One condition token (a
+class) fills every buffer slot, as MAR's class embedding does; several (a
+caption) fill the first slots and the rest are masked out of attention.
 
 Parameter names follow the official implementation, so its checkpoints load
 after a prefix rename (see ``sandbox/lab/official.py``). This is the plain
@@ -27,6 +29,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sandbox.core.checks import check_visible_counts
+from sandbox.core.contracts import Backbone, ConditionTokens
+from sandbox.errors import UserError
 
 
 @dataclass
@@ -62,19 +66,18 @@ class MARConfig:
             raise ValueError("model.head_batch_mul must be >= 1 and model.buffer_size >= 0")
 
 
-class MARTransformer(nn.Module):
-    """Bidirectional encoder-decoder that turns partially visible token sequences into per-position conditions."""
+class MARBackbone(Backbone):
+    """MAR: a bidirectional encoder-decoder that turns partly visible token sequences into per-position conditions."""
 
-    def __init__(self, config: MARConfig, seq_len: int, token_dim: int, num_classes: int, num_groups: int = 1):
-        super().__init__()
-        self.config = config
-        self.seq_len, self.token_dim, self.num_classes = seq_len, token_dim, num_classes
+    contract_args = {}  # the core passes the model settings; the contract kit builds it small
+    resumable_args = ()
+
+    def __init__(self, model: MARConfig, seq_len: int, token_dim: int, num_groups: int = 1):
+        super().__init__(model, seq_len, token_dim, num_groups)
+        self.config = config = model
         cfg, D, Dd, buf = config, config.encoder_dim, config.decoder_dim, config.buffer_size
+        self.out_dim, self.cond_width = Dd, D
         norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
-
-        # ----- conditioning: class embedding and the learned "no class" latent for CFG -----
-        self.class_emb = nn.Embedding(num_classes, D)
-        self.fake_latent = nn.Parameter(torch.zeros(1, D))
 
         # ----- encoder -----
         self.z_proj = nn.Linear(token_dim, D)
@@ -111,8 +114,8 @@ class MARTransformer(nn.Module):
 
     def initialize_weights(self) -> None:
         # official MAR init: N(0, 0.02) embeddings, xavier-uniform linears, unit LayerNorms
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+        for p in (self.mask_token, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
+                  self.diffusion_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
         if self.num_groups > 1:
             nn.init.normal_(self.group_embed.weight, std=0.02)
@@ -131,30 +134,38 @@ class MARTransformer(nn.Module):
         self.groups.copy_(groups.to(self.groups.device))
 
     # ----------------------------------------------------------------------------------
-    def condition(self, labels: Tensor | None, uncond: Tensor | None, batch: int) -> Tensor:
-        """Class embedding per row (B,D); rows where ``uncond`` is True (or all, without labels) get the fake latent."""
-        if labels is None:
-            return self.fake_latent.expand(batch, -1)
-        cls = self.class_emb(labels)  # (B, D)
-        if uncond is None:
-            return cls
-        return torch.where(uncond[:, None], self.fake_latent.to(cls.dtype), cls)
+    def buffer(self, cond: ConditionTokens) -> tuple[Tensor, Tensor | None]:
+        """The condition in the buffer: (B, buf, D) tokens and a (B, buf) key mask (None: every slot is real).
+        One condition token fills every slot (MAR's class embedding); T tokens fill the first T slots."""
+        buf, (B, T, D) = self.config.buffer_size, cond.tokens.shape
+        if T == 1:
+            return cond.tokens.expand(-1, buf, -1), None  # (B, buf, D)
+        if T > buf:
+            raise UserError(f"the condition gives {T} tokens but the MAR buffer holds {buf}; raise "
+                            f"model.buffer_size to at least {T}")
+        mask = cond.mask if cond.mask is not None else cond.tokens.new_ones(B, T, dtype=torch.bool)
+        pad = cond.tokens.new_zeros(B, buf - T, D)
+        return torch.cat([cond.tokens, pad], 1), torch.cat([mask, mask.new_zeros(B, buf - T)], 1)
 
     def repeated_blocks(self) -> list[nn.Module]:
         """What ``torch.compile`` compiles one by one (``sandbox.fast.compile``)."""
         return [*self.encoder_blocks, *self.decoder_blocks]
 
-    def run_blocks(self, blocks, x: Tensor) -> Tensor:
-        """x through ``blocks`` in order, recomputed in backward when ``grad_checkpointing`` is set."""
+    def run_blocks(self, blocks, x: Tensor, keys: Tensor | None = None) -> Tensor:
+        """x through ``blocks`` in order, recomputed in backward when ``grad_checkpointing`` is set; ``keys``
+        (B, T) bool: the positions every row may attend to (None: all)."""
+        mask = None if keys is None else keys[:, None, None, :]  # (B, 1, 1, T): SDPA broadcasts it
         for blk in blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, attn_mask=mask, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x) if mask is None else blk(x, attn_mask=mask)
         return x
 
-    def forward_encoder(self, tokens: Tensor, visible: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """Encode the buffer plus the visible tokens. Returns (encoded (B, buf+Lv, D), keep index (B, buf+Lv))."""
+    def forward_encoder(self, tokens: Tensor, visible: Tensor, cond: ConditionTokens
+                        ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Encode the buffer plus the visible tokens. Returns (encoded (B, buf+Lv, D), keep index (B, buf+Lv),
+        the buffer's key mask (B, buf) or None)."""
         B, L, _ = tokens.shape
         buf = self.config.buffer_size
         keep = torch.cat([visible.new_ones(B, buf), visible], dim=1)  # (B, buf+L) buffer is always visible
@@ -167,14 +178,16 @@ class MARTransformer(nn.Module):
 
         # project only the visible tokens: the official projects all L and then drops (same values, more work)
         vis = torch.gather(tokens, 1, tok_idx[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, Lv, C)
-        x = torch.cat([cond[:, None, :].expand(-1, buf, -1).to(tokens.dtype), self.z_proj(vis)], dim=1)  # (B, buf+Lv, D)
+        buffer, buffer_keys = self.buffer(cond)  # (B, buf, D), (B, buf) or None
+        x = torch.cat([buffer.to(tokens.dtype), self.z_proj(vis)], dim=1)  # (B, buf+Lv, D)
         pos = self.encoder_pos_embed_learned[0].index_select(0, idx.reshape(-1)).view(B, n_keep, -1)  # (B, buf+Lv, D)
         if self.num_groups > 1:
             grp = torch.cat([self.groups.new_zeros(buf), self.groups])[idx]  # (B, buf+Lv)
             pos = pos + self.group_embed(grp) * (idx >= buf)[..., None]
         x = self.z_proj_ln(x + pos)  # (B, buf+Lv, D)
-        x = self.run_blocks(self.encoder_blocks, x)  # (B, buf+Lv, D)
-        return self.encoder_norm(x), idx
+        keys = None if buffer_keys is None else torch.cat([buffer_keys, visible.new_ones(B, n_keep - buf)], 1)
+        x = self.run_blocks(self.encoder_blocks, x, keys)  # (B, buf+Lv, D)
+        return self.encoder_norm(x), idx, buffer_keys
 
     def decoder_input(self, x: Tensor, idx: Tensor) -> Tensor:
         """The decoder's input: encoded rows (B, buf+Lv, D) back in place among mask tokens, with the decoder's
@@ -189,21 +202,26 @@ class MARTransformer(nn.Module):
             x[:, buf:] = x[:, buf:] + self.decoder_group_embed(self.groups)
         return x
 
-    def forward_decoder(self, x: Tensor, idx: Tensor, query: Tensor | None = None) -> Tensor:
+    def forward_decoder(self, x: Tensor, idx: Tensor, query: Tensor | None = None,
+                        buffer_keys: Tensor | None = None) -> Tensor:
         """Decode to one condition per sequence position: (B, buf+Lv, D) -> (B, L, Dd), or with ``query``
         (B, L) bool only those positions' conditions, (N, Dd) in row-major order (``z[query]``)."""
-        x = self.run_blocks(self.decoder_blocks, self.decoder_input(x, idx))  # (B, buf+L, Dd)
+        keys = None
+        if buffer_keys is not None:  # the padded buffer slots stay out of attention in the decoder too
+            keys = torch.cat([buffer_keys, buffer_keys.new_ones(x.shape[0], self.seq_len)], 1)  # (B, buf+L)
+        x = self.run_blocks(self.decoder_blocks, self.decoder_input(x, idx), keys)  # (B, buf+L, Dd)
         z = self.decoder_norm(x)[:, self.config.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, Dd)
         return z if query is None else z[query]
 
-    def forward(self, tokens: Tensor, visible: Tensor, labels: Tensor | None, uncond: Tensor | None = None,
-                query: Tensor | None = None) -> Tensor:
-        """tokens (B,L,C), visible (B,L) bool, labels (B,) -> conditions z (B,L,Dd).
+    def forward(self, tokens: Tensor, visible: Tensor, cond: ConditionTokens, query: Tensor | None = None,
+                order: Tensor | None = None) -> Tensor:
+        """tokens (B,L,C), visible (B,L) bool, cond (B rows: the condition tokens) -> conditions z (B,L,Dd).
 
-        ``uncond`` (B,) bool selects rows that use the fake latent instead of their label
-        (label drop in training, the unconditional half of classifier-free guidance).
-        ``query`` (B, L) bool: return only ``z[query]`` (N, Dd), the rows the head needs.
+        ``query`` (B, L) bool: return only ``z[query]`` (N, Dd), the rows the head needs. ``order`` is not
+        used: MAR is bidirectional.
         """
-        cond = self.condition(labels, uncond, tokens.shape[0])  # (B, D)
-        x, idx = self.forward_encoder(tokens, visible, cond)  # (B, buf+Lv, D)
-        return self.forward_decoder(x, idx, query)  # (B, L, Dd) or (N, Dd)
+        x, idx, buffer_keys = self.forward_encoder(tokens, visible, cond)  # (B, buf+Lv, D)
+        return self.forward_decoder(x, idx, query, buffer_keys)  # (B, L, Dd) or (N, Dd)
+
+
+MARTransformer = MARBackbone  # the name before the backbone kind (0.2)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from sandbox.core.checks import broken, check_plan_covered, check_step, shape_of
+from sandbox.core.sampling import to_device
 
 
 @torch.no_grad()
@@ -42,14 +43,14 @@ def plan_nll(model, ordering, seq: Tensor, labels: Tensor | None, num_iter: int,
     estimator noise, so a seed fixes the result. ``autocast_dtype`` runs the transformer under autocast, the
     head as ``model.head_precision`` and ``model.head_fp32`` say (as ``sample_tokens``).
     """
-    transformer, head = model.transformer, model.head
+    head = model.head
     if not getattr(head, "has_nll", False):
         raise broken(head, "head", "has no likelihood (has_nll is False); nll needs a head that implements "
                                    "nll(target, cond, generator)")
-    device = next(model.parameters()).device
+    device = model.device
     seq = seq.to(device)
-    labels = None if labels is None else labels.to(device)
     B, L, _ = seq.shape
+    sampler = model.backbone.start_sampling(model.conditions(to_device(labels, device), B))
     plan = ordering.sampling_plan(B, num_iter, generator, device)
     tokens = torch.zeros_like(seq)  # (B, L, C) the true tokens at known positions, zeros elsewhere
     known = torch.zeros(B, L, dtype=torch.bool, device=device)  # (B, L)
@@ -61,17 +62,14 @@ def plan_nll(model, ordering, seq: Tensor, labels: Tensor | None, num_iter: int,
         inputs, visible = ordering.step_inputs(tokens, known, step)  # (B, L, C), (B, L)
         target = seq[step.predict]  # (N, C) row-major: image by image
         with amp:
-            cond = transformer(inputs, visible, labels, query=step.predict)  # (N, D)
-            with model.head_precision(cond):
-                if model.head_fp32:
-                    cond, target = cond.float(), target.float()
-                nll = head.nll(target, cond, generator)  # (N,)
+            cond = sampler.step(inputs, visible, step.predict)  # (N, D)
+            nll = model.call_head("nll", target, cond, generator)  # (N,)
         check_nll(head, nll, target.shape[0])
         per_step.append(nll.double().view(B, -1).sum(1))  # (B,): every row predicts the same count
         tokens[step.predict] = seq[step.predict]
         known |= step.predict
         times += step.predict
-    check_plan_covered(ordering, times)
+    check_plan_covered(ordering, times, torch.ones_like(known))
     return torch.stack(per_step)  # (S, B)
 
 

@@ -22,16 +22,16 @@ from timm.layers import Attention
 from torch import nn
 
 from sandbox.core.adaln_mlp import ResBlock, TimestepEmbedder
-from sandbox.core.transformer import MARTransformer
+from sandbox.core.transformer import MARBackbone
 from sandbox.fast.adaln import FusedTrainingResBlock, UniqueTimestepEmbedder
 from sandbox.fast.attention import FastAttention, set_attention_backend
 from sandbox.fast.dropout import replace_dropout
-from sandbox.fast.query_rows import QueryRowsTransformer
+from sandbox.fast.query_rows import QueryRowsBackbone
 
 # plain module class -> its fast twin (a subclass with the same parameters: swapping the class keeps the
 # weights, names and checkpoints)
 TWINS: dict[type, type] = {
-    MARTransformer: QueryRowsTransformer,
+    MARBackbone: QueryRowsBackbone,
     ResBlock: FusedTrainingResBlock,
     TimestepEmbedder: UniqueTimestepEmbedder,
 }

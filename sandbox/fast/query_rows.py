@@ -12,15 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from sandbox.core.transformer import MARTransformer
+from sandbox.core.transformer import MARBackbone
 
 
-class QueryRowsTransformer(MARTransformer):
-    """``MARTransformer`` whose ``forward_decoder(..., query)`` runs the last block at the queried rows only."""
+class QueryRowsBackbone(MARBackbone):
+    """``MARBackbone`` whose ``forward_decoder(..., query)`` runs the last block at the queried rows only."""
 
-    def forward_decoder(self, x: Tensor, idx: Tensor, query: Tensor | None = None) -> Tensor:
-        if query is None or not self.decoder_blocks:
-            return super().forward_decoder(x, idx, query)
+    def forward_decoder(self, x: Tensor, idx: Tensor, query: Tensor | None = None,
+                        buffer_keys: Tensor | None = None) -> Tensor:
+        if query is None or not self.decoder_blocks or buffer_keys is not None:  # masked buffers: the plain path
+            return super().forward_decoder(x, idx, query, buffer_keys)
         B, buf = x.shape[0], self.config.buffer_size
         x = self.decoder_input(x, idx)  # (B, buf+L, Dd)
         q_idx = query.nonzero()[:, 1].view(B, -1)  # (B, Q) sequence positions, ascending per row

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sandbox.core.condition import ClassCondition
 from sandbox.core.model import MAR
-from sandbox.core.transformer import MARConfig, MARTransformer
+from sandbox.core.transformer import MARBackbone, MARConfig
 from sandbox.errors import UserError
 from sandbox.run.checkpoints import load_checkpoint
 
@@ -73,22 +74,28 @@ def build_model(official: dict, norm_eps: float = 1e-6, **head_overrides) -> MAR
 
     geo = geometry(official)
     cfg = mar_config(official, norm_eps)
-    transformer = MARTransformer(cfg, geo["seq_len"], geo["token_dim"], geo["num_classes"])
+    backbone = MARBackbone(cfg, geo["seq_len"], geo["token_dim"])
+    condition = ClassCondition(cfg.encoder_dim, geo["num_classes"])
     head_args = dict(width=official.get("diffloss_w", 1024), depth=official.get("diffloss_d", 3),
                      num_sampling_steps=int(official.get("num_sampling_steps", 100)))
     head_args.update(head_overrides)
     head = DiffusionHead(geo["token_dim"], cfg.decoder_dim, **head_args)
-    return MAR(transformer, head)
+    return MAR(condition, backbone, head, cfg)
 
 
+# official parameter names -> ours: the head is `diffloss`, the class condition's two parameters sit in the
+# official MAR itself, the rest is the backbone
 def convert_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official MAR state_dict -> sandbox ``MAR`` state_dict (``diffloss.*`` -> ``head.*``, rest -> ``transformer.*``)."""
+    """Official MAR state_dict -> sandbox ``MAR`` state_dict (``diffloss.*`` -> ``head.*``, ``class_emb`` and
+    ``fake_latent`` -> ``condition.*``, the rest -> ``backbone.*``)."""
     out = {}
     for name, value in official.items():
         if name.startswith("diffloss."):
             out["head." + name[len("diffloss."):]] = value
+        elif name.startswith(("class_emb.", "fake_latent")):
+            out["condition." + name] = value
         else:
-            out["transformer." + name] = value
+            out["backbone." + name] = value
     return out
 
 
@@ -96,10 +103,9 @@ def to_official_state_dict(ours: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of ``convert_state_dict``."""
     out = {}
     for name, value in ours.items():
-        if name.startswith("head."):
-            out["diffloss." + name[len("head."):]] = value
-        elif name.startswith("transformer."):
-            out[name[len("transformer."):]] = value
+        for prefix, official in (("head.", "diffloss."), ("condition.", ""), ("backbone.", "")):
+            if name.startswith(prefix):
+                out[official + name[len(prefix):]] = value
     return out
 
 

@@ -16,17 +16,43 @@ from torch import nn
 from sandbox.config.schema import TrainConfig
 
 
+def decays(name: str, ndim: int) -> bool:
+    """Official MAR groups: no weight decay on biases, 1-D parameters (norms, embeddings' vectors) and the head."""
+    return not (ndim <= 1 or name.endswith(".bias") or name.startswith("head.") or ".head." in name)
+
+
+def grouped_names(named) -> list[str]:
+    """Parameter names (from (name, tensor) pairs) in the optimizer's index order: the decay group, then the rest."""
+    named = list(named)
+    return [n for n, p in named if decays(n, p.ndim)] + [n for n, p in named if not decays(n, p.ndim)]
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Official MAR groups: no decay on biases, 1-D parameters (norms, embeddings' vectors) and the head."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.startswith("head.") or ".head." in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW's two groups (``decays``) over the trainable parameters, in ``grouped_names`` order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if decays(n, p.ndim)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p.ndim)], "weight_decay": 0.0}]
+
+
+def optimizer_names(model: nn.Module) -> list[str]:
+    """The names of ``param_groups``' parameters in the optimizer's index order (what a checkpoint stores, so its
+    optimizer state maps back by name whatever the module layout)."""
+    return grouped_names((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def remap_optimizer_state(state: dict, saved: list[str], names: list[str]) -> dict:
+    """An optimizer ``state_dict`` whose parameters were ``saved`` (names in index order) -> the same state for a
+    model whose parameters are ``names``; ValueError when the two do not name the same parameters."""
+    if sorted(saved) != sorted(names):
+        missing, extra = sorted(set(names) - set(saved))[:3], sorted(set(saved) - set(names))[:3]
+        raise ValueError(f"the optimizer state does not fit: missing {missing}, not in the model {extra}")
+    index = {name: i for i, name in enumerate(names)}
+    moved = {index[saved[i]]: v for i, v in state["state"].items()}
+    groups, at = [], 0
+    for group in state["param_groups"]:  # the same group sizes: the same names fall into the same groups
+        groups.append({**group, "params": list(range(at, at + len(group["params"])))})
+        at += len(group["params"])
+    return {"state": moved, "param_groups": groups}
 
 
 def make_adamw(model: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:

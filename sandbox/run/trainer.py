@@ -29,6 +29,7 @@ from sandbox import __version__, fast
 from sandbox.config.build import build
 from sandbox.config.recipe import instantiate, recipe_dict, slot_classes
 from sandbox.config.schema import TrainConfig
+from sandbox.core.model import upgrade_key
 from sandbox.core.training import StepResult, train_step, training_loss
 from sandbox.errors import UserError
 from sandbox.eval.diagnostics import run_warnings
@@ -40,7 +41,16 @@ from sandbox.run.data import ResumableBatchSampler, batches, seed_micro_batch
 from sandbox.run.device import autocast_dtype, resolve_device
 from sandbox.run.guards import BestMetric, NonFiniteGuard
 from sandbox.run.monitor import TensorBoardLogger, plot_metrics
-from sandbox.run.optim import base_lr, ema_decay_at, ema_update, lr_at, make_adamw
+from sandbox.run.optim import (
+    base_lr,
+    ema_decay_at,
+    ema_update,
+    grouped_names,
+    lr_at,
+    make_adamw,
+    optimizer_names,
+    remap_optimizer_state,
+)
 from sandbox.run.resume import check_run_recipe, finished, grid_name, rng_state
 from sandbox.run.rundir import RunDir
 from sandbox.run.signals import StopRequested
@@ -115,7 +125,7 @@ class Trainer:
         """The recipe's parts on the device, the EMA copy, the optimizer, the grad scaler and the generator."""
         tc, cfg = self.tc, self.cfg
         self.exp = exp = build(cfg)
-        fast.apply(exp.model, tc.fast_paths, exp.model.transformer.config.attention)
+        fast.apply(exp.model, tc.fast_paths, exp.model.config.attention)
         exp.model.head_fp32 = tc.head_fp32
         # can the data fill a global batch? (before any write)
         ResumableBatchSampler(len(exp.dataset), tc.batch_size, cfg.seed, 0, 0, self.dist.world_size, tc.grad_accum)
@@ -148,7 +158,7 @@ class Trainer:
         except RuntimeError as e:
             raise UserError(f"checkpoint in {self.run_dir.ckpt_dir} does not fit this model: "
                             f"{state_mismatch(e)}") from e
-        self.opt.load_state_dict(ckpt["optimizer"])
+        self.opt.load_state_dict(self.optimizer_state(ckpt))
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -158,6 +168,20 @@ class Trainer:
         if self.main:
             self.run_dir.truncate_metrics(self.step)  # a killed run logged steps past its checkpoint: redone now
             print(f"resuming {self.run_dir.root} from step {self.step} ({self.run_dir.loaded_path.name})")
+
+    def optimizer_state(self, ckpt: dict) -> dict:
+        """The checkpoint's optimizer state for this model, mapped by parameter name when the layout changed
+        (checkpoints before 0.3 store no names: their model state dict's keys, renamed, give them)."""
+        saved = ckpt.get("param_names")
+        if saved is None:
+            saved = [upgrade_key(n) for n in grouped_names(ckpt["model"].items())]
+        names = optimizer_names(self.core)
+        if saved == names:
+            return ckpt["optimizer"]
+        try:
+            return remap_optimizer_state(ckpt["optimizer"], saved, names)
+        except ValueError as e:
+            raise UserError(f"checkpoint in {self.run_dir.ckpt_dir}: {e}") from e
 
     def wrap(self) -> None:
         """Compile (``train.compile``) and, on several ranks, wrap in DistributedDataParallel."""
@@ -282,6 +306,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "step": self.step, "skipped": self.guard.total,
             "rng": rng_state(self.generator),
             "guards": {"nonfinite": self.guard.state_dict(), "best": self.best.state_dict()},
+            "param_names": optimizer_names(self.core),
             "global_batch": self.global_batch, "world_size": self.dist.world_size, "ended": why == "end",
             "recipe": self.recipe, "meta": self.exp.meta, "version": __version__,
         }, self.step, self.tc.keep_checkpoints, best=is_best)
