@@ -73,7 +73,8 @@ def upgrade_recipe(recipe: dict) -> dict:
     and no backbone, which were MAR's class embedding and transformer (the defaults)."""
     out = dict(recipe)
     for slot, default in SLOT_DEFAULTS.items():
-        out.setdefault(slot, default.as_dict())
+        if "head" in out:  # a MAR recipe (a tokenizer recipe has no condition, backbone or head)
+            out.setdefault(slot, default.as_dict())
     for slot in _SLOT_KIND:
         part = out.get(slot)
         if isinstance(part, dict) and str(part.get("class_path", "")).startswith(_OLD_BUILTINS):
