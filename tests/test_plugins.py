@@ -244,7 +244,7 @@ def test_a_stored_class_path_names_only_registered_plugins(cli, tmp_path, tiny_r
     shutil.copytree(tiny_run, run)
     sample = ["sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.npz"]
     for stored in ({"class_path": "this.DiffusionHead"}, "this.DiffusionHead", {"class_path": "os.system"}):
-        restore_recipe(run, lambda r: r.update(head=stored))
+        restore_recipe(run, lambda r, stored=stored: r.update(head=stored))
         for line in (sample, ["train", "--config", run / "recipe.yaml"]):
             proc = cli(*line)
             user_error(proc, "not a registered head plugin")

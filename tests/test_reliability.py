@@ -144,12 +144,89 @@ def test_keeps_the_last_k_and_the_best_by_metric(tmp_path):
           progress=False)
     ckpts = RunDir(run).ckpt_dir
     assert sorted(p.name for p in ckpts.glob("checkpoint-*.pt")) == [
-        "checkpoint-10.pt", "checkpoint-12.pt", "checkpoint-best.pt", "checkpoint-last.pt"]
+        "checkpoint-10.pt", "checkpoint-12.pt", "checkpoint-best.pt", "checkpoint-last.pt", "checkpoint-prev.pt"]
+    assert os.path.samefile(ckpts / "checkpoint-prev.pt", ckpts / "checkpoint-10.pt")  # a link: no extra disk
     losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     means = {s: (losses[s - 1] + losses[s]) / 2 for s in range(2, 13, 2)}  # the loss averaged per interval
     best = load_checkpoint(ckpts / "checkpoint-best.pt")
     assert best["step"] == min(means, key=means.get)
     assert best["guards"]["best"]["best"] == pytest.approx(min(means.values()))
+
+
+def garble(path, tensor) -> None:
+    """Bit rot inside a saved checkpoint: NaN bytes over a tensor's stored bytes, in place (the file still
+    loads with torch; every hard link of it changes too)."""
+    data = path.read_bytes()
+    at = data.find(tensor.contiguous().numpy().tobytes())
+    assert at > 0
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 64)
+
+
+def test_garbled_tensor_bytes_are_detected_and_the_previous_checkpoint_used(tmp_path, reference, capsys):
+    run = tmp_path / "run"
+    train(parse(tmp_path), run, progress=False)
+    last = RunDir(run).last
+    name, weight = max(load_checkpoint(last)["model"].items(), key=lambda kv: kv[1].numel())
+    garble(last, weight)
+    assert not torch.isfinite(torch.load(last, weights_only=True)["model"][name]).all()  # loads, with NaNs
+    capsys.readouterr()
+    assert state_of(run)["step"] == 3
+    err = capsys.readouterr().err
+    assert "checkpoint-last.pt" in err and "checksum" in err and "using checkpoint-3.pt" in err, err
+    # resumes from the verified one (never trains on, or names as good, the garbled one) and ends exactly
+    train(parse(tmp_path, max_nonfinite_steps=1), run, progress=False)
+    assert_same_state(state_of(run), reference)
+
+
+def test_a_checkpoint_from_before_checksums_still_loads_but_is_not_called_good(tmp_path, tiny_run, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    old = {k: v for k, v in load_checkpoint(RunDir(run).last).items() if k != "checksum"}
+    RunDir(run).last.unlink()
+    torch.save(old, RunDir(run).last)
+    rd = RunDir(run)
+    assert rd.load_latest()["step"] == 4 and rd.loaded_path == rd.last and rd.verified is None
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bad", ["a tensor", "{}", "no model", "no step", "step a string"])
+def test_a_checkpoint_of_the_wrong_shape_is_skipped_like_a_truncated_one(tmp_path, tiny_run, capsys, bad):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # checkpoints at steps 3 and 4
+    good = load_checkpoint(RunDir(run).last)
+    wrong = {"a tensor": torch.zeros(3), "{}": {}, "no model": {k: v for k, v in good.items() if k != "model"},
+             "no step": {k: v for k, v in good.items() if k != "step"}, "step a string": {**good, "step": "4"}}[bad]
+    RunDir(run).last.unlink()  # a new file: checkpoint-4.pt stays as it was
+    torch.save(wrong, RunDir(run).last)
+    code, _, err = call_cli(capsys, "sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.npz")
+    assert code == 0 and "Traceback" not in err, err
+    assert "checkpoint-last.pt" in err and "not a run checkpoint" in err and "using checkpoint-4.pt" in err, err
+    for path in RunDir(run).ckpt_dir.glob("checkpoint-*.pt"):  # none usable: one line
+        path.unlink()
+        torch.save(wrong, path)
+    one_error_line(*call_cli(capsys, "sample", "--run_dir", run, "--out", tmp_path / "t.npz")[::2],
+                   "no usable checkpoint", "not a run checkpoint")
+
+
+def test_damage_to_the_newest_checkpoint_leaves_an_independent_previous_one(tmp_path, reference, capsys):
+    """keep_checkpoints: 1 keeps one numbered checkpoint, a hard link of checkpoint-last.pt (one write, one copy):
+    damage in place hits both names, so the previous checkpoint is kept apart as checkpoint-prev.pt."""
+    run = tmp_path / "run"
+    train(parse(tmp_path, keep_checkpoints=1), run, progress=False)
+    ckpts = RunDir(run).ckpt_dir
+    with open(ckpts / "checkpoint-last.pt", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    capsys.readouterr()
+    assert state_of(run)["step"] == 3
+    assert "using checkpoint-prev.pt" in capsys.readouterr().err
+    train(parse(tmp_path, keep_checkpoints=1), run, progress=False)
+    assert_same_state(state_of(run), reference)
 
 
 # ----------------------------------------------------------------------------------------

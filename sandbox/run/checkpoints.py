@@ -1,16 +1,20 @@
 """Checkpoints: a plain dict of tensors, numbers and strings, written atomically and loaded safely.
 
-A checkpoint -- {model, ema, optimizer, step, rng, recipe, meta, version} -- loads with
+A checkpoint -- {model, ema, optimizer, step, rng, recipe, meta, version, checksum} -- loads with
 ``torch.load(weights_only=True)`` and an explicit allowlist of globals, so nothing in it can run code when
-loaded; a file that would need code is refused (``UnsafeCheckpointError``), never skipped.
+loaded; a file that would need code is refused (``UnsafeCheckpointError``), never skipped. A run's
+checkpoint carries a SHA-256 of its contents (``content_digest``), checked when a run directory loads it.
 """
 from __future__ import annotations
 
 import _compat_pickle
+import hashlib
 import io
+import os
 import pickletools
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,6 +31,81 @@ SAFE_GLOBALS: tuple = ()
 
 class UnsafeCheckpointError(UserError):
     """A file that would need arbitrary code (a non-allowlisted global) to unpickle: refused, never skipped."""
+
+
+# --------------------------------------------------------------------------------------
+# What a run's checkpoint holds, and its checksum
+# --------------------------------------------------------------------------------------
+CHECKSUM = "checksum"  # {"sha256": hex digest of everything else in the checkpoint (content_digest)}
+HASH_THREADS = min(8, os.cpu_count() or 1)  # tensors hash in parallel (hashlib lets go of the GIL); 8 caps what a save takes
+# what every run checkpoint holds (the trainer's, the tokenizer trainer's, an imported official one), by type
+RUN_KEYS = {"model": dict, "optimizer": dict, "step": int, "recipe": dict, "meta": dict}
+
+
+def run_checkpoint_problem(ckpt) -> str | None:
+    """Why a loaded object is not a run's checkpoint (a bare tensor, ``{}``, a missing or mistyped key), or None."""
+    if not isinstance(ckpt, dict):
+        return f"not a run checkpoint (a {type(ckpt).__name__}, not a dict)"
+    missing = [k for k in RUN_KEYS if k not in ckpt]
+    if missing:
+        return f"not a run checkpoint (no {', '.join(missing)})"
+    wrong = [k for k, t in RUN_KEYS.items() if not isinstance(ckpt[k], t) or isinstance(ckpt[k], bool)]
+    if wrong:
+        return f"not a run checkpoint ({', '.join(f'{k} is a {type(ckpt[k]).__name__}' for k in wrong)})"
+    return None
+
+
+def content_digest(ckpt: dict) -> str:
+    """SHA-256 over every tensor's bytes (with its dtype and shape) and every other value of a checkpoint, in a
+    fixed order (by key path), leaving out the checksum itself. Computed the same before saving and after
+    loading, on any device, so garbled bytes that still load (bit rot, a bad copy) are caught. Each tensor is
+    hashed on its own, in threads (hashlib lets go of the GIL), and the digests are hashed in order."""
+    leaves = list(_leaves({k: v for k, v in ckpt.items() if k != CHECKSUM}, ()))
+    tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = iter(list(pool.map(_tensor_digest, tensors)))
+    h = hashlib.sha256()
+    for where, value in leaves:
+        h.update(repr(where).encode())
+        h.update(next(digests) if isinstance(value, torch.Tensor) else f"{type(value).__name__}:{value!r}".encode())
+    return h.hexdigest()
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the bytes as stored, for any dtype
+    return h.digest()
+
+
+def _leaves(value, where: tuple):
+    """(key path, value) of every tensor and plain value, dict keys sorted (by repr: keys of mixed types)."""
+    if isinstance(value, dict):
+        for k in sorted(value, key=repr):
+            yield from _leaves(value[k], (*where, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, (*where, i))
+    else:
+        yield where, value
+
+
+def with_checksum(ckpt: dict) -> dict:
+    return {**{k: v for k, v in ckpt.items() if k != CHECKSUM}, CHECKSUM: {"sha256": content_digest(ckpt)}}
+
+
+def checksum_problem(ckpt: dict) -> str | None:
+    """Why a checkpoint's contents do not match its stored checksum, or None when they do. A checkpoint
+    written before checksums has none: it passes (``has_checksum`` tells it apart)."""
+    if not has_checksum(ckpt):
+        return None
+    if content_digest(ckpt) != ckpt[CHECKSUM]["sha256"]:
+        return "its contents do not match their checksum (damaged on disk or in a copy)"
+    return None
+
+
+def has_checksum(ckpt: dict) -> bool:
+    return isinstance(ckpt.get(CHECKSUM), dict) and isinstance(ckpt[CHECKSUM].get("sha256"), str)
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -87,7 +166,7 @@ def load_cached(path: Path):
 # allowed global", 2.14's "unsupported GLOBAL posix.system whose module posix is blocked", ...): a fallback only,
 # for a file whose pickle cannot be found; the file's own globals decide first (_forbidden_globals)
 _REFUSAL_WORDS = re.compile(r"unsupported global|whose module \S+ is blocked|not an allowed global|allowlist|"
-                            r"unrecognized function", re.I)
+                            r"unrecognized function", re.IGNORECASE)
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
 _GLOBAL_MODULES = {"torch", "collections", "_codecs"}  # torch's own allowlist, where torch does not expose it
 
@@ -96,7 +175,7 @@ def _refused_in_words(e: BaseException) -> list[str]:
     text = f"{e} {e.__cause__ or ''}"
     if not _REFUSAL_WORDS.search(text):
         return []
-    named = re.search(r"GLOBAL ([\w.]+)", text, re.I)
+    named = re.search(r"GLOBAL ([\w.]+)", text, re.IGNORECASE)
     return [named.group(1).removeprefix("builtins.") if named else "a global it may not"]
 
 
@@ -107,7 +186,7 @@ def _forbidden_globals(path: Path, allowed) -> list[str]:
         from torch._weights_only_unpickler import _get_allowed_globals
 
         known = set(_get_allowed_globals())
-    except Exception:  # a torch without it: judge by module
+    except (ImportError, AttributeError, TypeError):  # a torch without it (private API): judge by module
         known = None
     user = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in allowed}
 
@@ -188,8 +267,8 @@ def _pickle_globals(f) -> list[str]:
                     strings.append(top)
                 continue
             top = None
-    except Exception:  # torn or not a pickle: what was read so far
-        pass
+    except Exception:  # noqa: BLE001 -- torn or not a pickle at all: the globals read so far
+        return found
     return found
 
 
