@@ -242,8 +242,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     disc = PatchDiscriminator(lc.disc_layers, lc.disc_channels).to(device) if lc.disc_start is not None else None
     losses = _Losses(lc, device)
     params = sum(p.numel() * p.element_size() for m in (vae, disc) if m is not None for p in m.parameters())
-    # weights, EMA, Adam's two moments per copy; copies as in sandbox/run/trainer.py checkpoint_reserve
-    run.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 2) + 1))
+    run.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 2) + 1))  # copies as trainer.checkpoint_reserve
     run.write_recipe(recipe)
 
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
