@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,9 @@ def test_a_shared_run_directory_never_imports_its_plugin_files(cli, tmp_path, mo
         proc = cli(*sample, "--plugin", payload)
     assert proc.returncode == 0, proc.stderr
     assert marker.exists() and (tmp_path / "s.npz").is_file()
+    with registry.isolated():
+        proc = cli("train", "--config", run / "recipe.yaml", "--train.steps", 3, "--plugin", payload)
+    assert proc.returncode == 0 and "resuming" in proc.stdout + proc.stderr, proc.stderr
 
 
 def test_a_stored_class_path_names_only_registered_plugins(cli, tmp_path, tiny_run):
@@ -249,6 +253,7 @@ def test_a_stored_class_path_names_only_registered_plugins(cli, tmp_path, tiny_r
             proc = cli(*line)
             user_error(proc, "not a registered head plugin")
             assert "Beautiful is better than ugly" not in proc.stdout + proc.stderr  # `this` was never imported
+            assert "this" not in sys.modules
     nested = {"class_path": "DiffusionHead", "init_args": {"width": {"class_path": "this.Anything"}}}
     restore_recipe(run, lambda r: r.update(head=nested))
     user_error(cli(*sample), "this.Anything", "not a registered")
