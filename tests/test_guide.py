@@ -43,10 +43,11 @@ def test_guide_example_trains_and_samples_in_a_fresh_process(tmp_path, monkeypat
         assert main(TRAIN.split()[1:] + [str(a) for a in short]) == 0
     assert (run / "samples" / "final.png").is_file()
 
-    # another process in another directory: the run's stored recipe loads the plugin file by itself
+    # another process in another directory: the run names its plugin file, and the user gives it (--plugin)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "gmm.npz"
     proc = subprocess.run([sys.executable, "-m", "sandbox", "sample", "--run_dir", str(run), "--num_images", "4",
+                           "--plugin", str(EXAMPLES / "gmm_head.py"),
                            "--num_iter", "2", "--progress", "false", "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

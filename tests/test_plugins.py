@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,85 @@ def test_two_plugin_files_with_one_file_name(cli, tmp_path):
     a = write_head(tmp_path / "a" / "heads.py", "HeadA")
     b = write_head(tmp_path / "b" / "heads.py", "HeadB")
     user_error(cli("plugins", "--plugin", a, "--plugin", b), "same file name", str(a.resolve()), str(b.resolve()))
+
+
+# ----------------------------------------------------------------------------------------
+# Trust: a run directory is data, never code
+# ----------------------------------------------------------------------------------------
+PAYLOAD = HEAD_FILE + """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")  # a payload's side effect: proof the file was run
+"""
+
+
+def shared_run(cli, tmp_path):
+    """A run directory as someone might share it: it bundles payload.py (a head plugin that also writes MARKER
+    when imported) and its recipe lists that file."""
+    run, marker = tmp_path / "shared", tmp_path / "MARKER"
+    run.mkdir()
+    payload = run / "payload.py"
+    payload.write_text(PAYLOAD.format(name="PayloadHead", marker=str(marker)))
+    with registry.isolated():
+        proc = cli("--plugin", payload, "train", "--config", tiny(tmp_path), "--head", "PayloadHead", "--run_dir", run,
+                   "--train.steps", 2)
+    assert proc.returncode == 0, proc.stderr
+    marker.unlink()
+    return run, payload, marker
+
+
+def restore_recipe(run, change):
+    """Rewrite the recipe stored in a run's checkpoint and recipe.yaml (as whoever shares a run directory can)."""
+    from sandbox.run.rundir import RunDir
+
+    rd = RunDir(run)
+    ckpt = rd.load_latest()
+    change(ckpt["recipe"])
+    for old in rd.ckpt_dir.glob("checkpoint-*.pt"):
+        old.unlink()
+    rd.save(ckpt, int(ckpt["step"]), keep=1)
+    rd.write_recipe(ckpt["recipe"])
+
+
+def test_a_shared_run_directory_never_imports_its_plugin_files(cli, tmp_path, monkeypatch):
+    run, payload, marker = shared_run(cli, tmp_path)
+    sample = ["sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.npz"]
+    with registry.isolated():
+        user_error(cli(*sample), f"run {run} needs plugin file {payload}", f"pass --plugin {payload} if you trust it")
+        user_error(cli("train", "--config", run / "recipe.yaml"), str(payload), "--plugin")  # continuing it
+        assert cli("report", run, "--out", tmp_path / "r.html").returncode == 0  # a report reads, never imports
+    assert not marker.exists() and not (tmp_path / "s.npz").exists()
+
+    restore_recipe(run, lambda r: r.update(plugins=["payload.py"]))  # a relative path, and the current directory
+    monkeypatch.chdir(run)  # holds the file: still never imported
+    with registry.isolated():
+        user_error(cli(*sample), f"run {run} needs plugin file", "payload.py", "--plugin")
+    assert not marker.exists()
+
+    with registry.isolated():  # the user names the file: trusted, and it stands in for the listed one
+        proc = cli(*sample, "--plugin", payload)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists() and (tmp_path / "s.npz").is_file()
+    with registry.isolated():
+        proc = cli("train", "--config", run / "recipe.yaml", "--train.steps", 3, "--plugin", payload)
+    assert proc.returncode == 0 and "resuming" in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_a_stored_class_path_names_only_registered_plugins(cli, tmp_path, tiny_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    sample = ["sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.npz"]
+    for stored in ({"class_path": "this.DiffusionHead"}, "this.DiffusionHead", {"class_path": "os.system"}):
+        restore_recipe(run, lambda r, stored=stored: r.update(head=stored))
+        for line in (sample, ["train", "--config", run / "recipe.yaml"]):
+            proc = cli(*line)
+            user_error(proc, "not a registered head plugin")
+            assert "Beautiful is better than ugly" not in proc.stdout + proc.stderr  # `this` was never imported
+            assert "this" not in sys.modules
+    nested = {"class_path": "DiffusionHead", "init_args": {"width": {"class_path": "this.Anything"}}}
+    restore_recipe(run, lambda r: r.update(head=nested))
+    user_error(cli(*sample), "this.Anything", "not a registered")
 
 
 # ----------------------------------------------------------------------------------------

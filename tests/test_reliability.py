@@ -144,12 +144,89 @@ def test_keeps_the_last_k_and_the_best_by_metric(tmp_path):
           progress=False)
     ckpts = RunDir(run).ckpt_dir
     assert sorted(p.name for p in ckpts.glob("checkpoint-*.pt")) == [
-        "checkpoint-10.pt", "checkpoint-12.pt", "checkpoint-best.pt", "checkpoint-last.pt"]
+        "checkpoint-10.pt", "checkpoint-12.pt", "checkpoint-best.pt", "checkpoint-last.pt", "checkpoint-prev.pt"]
+    assert os.path.samefile(ckpts / "checkpoint-prev.pt", ckpts / "checkpoint-10.pt")  # a link: no extra disk
     losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     means = {s: (losses[s - 1] + losses[s]) / 2 for s in range(2, 13, 2)}  # the loss averaged per interval
     best = load_checkpoint(ckpts / "checkpoint-best.pt")
     assert best["step"] == min(means, key=means.get)
     assert best["guards"]["best"]["best"] == pytest.approx(min(means.values()))
+
+
+def garble(path, tensor) -> None:
+    """Bit rot inside a saved checkpoint: NaN bytes over a tensor's stored bytes, in place (the file still
+    loads with torch; every hard link of it changes too)."""
+    data = path.read_bytes()
+    at = data.find(tensor.contiguous().numpy().tobytes())
+    assert at > 0
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 64)
+
+
+def test_garbled_tensor_bytes_are_detected_and_the_previous_checkpoint_used(tmp_path, reference, capsys):
+    run = tmp_path / "run"
+    train(parse(tmp_path), run, progress=False)
+    last = RunDir(run).last
+    name, weight = max(load_checkpoint(last)["model"].items(), key=lambda kv: kv[1].numel())
+    garble(last, weight)
+    assert not torch.isfinite(torch.load(last, weights_only=True)["model"][name]).all()  # loads, with NaNs
+    capsys.readouterr()
+    assert state_of(run)["step"] == 3
+    err = capsys.readouterr().err
+    assert "checkpoint-last.pt" in err and "checksum" in err and "using checkpoint-3.pt" in err, err
+    # resumes from the verified one (never trains on, or names as good, the garbled one) and ends exactly
+    train(parse(tmp_path, max_nonfinite_steps=1), run, progress=False)
+    assert_same_state(state_of(run), reference)
+
+
+def test_a_checkpoint_from_before_checksums_still_loads_but_is_not_called_good(tmp_path, tiny_run, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    old = {k: v for k, v in load_checkpoint(RunDir(run).last).items() if k != "checksum"}
+    RunDir(run).last.unlink()
+    torch.save(old, RunDir(run).last)
+    rd = RunDir(run)
+    assert rd.load_latest()["step"] == 4 and rd.loaded_path == rd.last and rd.verified is None
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bad", ["a tensor", "{}", "no model", "no step", "step a string"])
+def test_a_checkpoint_of_the_wrong_shape_is_skipped_like_a_truncated_one(tmp_path, tiny_run, capsys, bad):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # checkpoints at steps 3 and 4
+    good = load_checkpoint(RunDir(run).last)
+    wrong = {"a tensor": torch.zeros(3), "{}": {}, "no model": {k: v for k, v in good.items() if k != "model"},
+             "no step": {k: v for k, v in good.items() if k != "step"}, "step a string": {**good, "step": "4"}}[bad]
+    RunDir(run).last.unlink()  # a new file: checkpoint-4.pt stays as it was
+    torch.save(wrong, RunDir(run).last)
+    code, _, err = call_cli(capsys, "sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.npz")
+    assert code == 0 and "Traceback" not in err, err
+    assert "checkpoint-last.pt" in err and "not a run checkpoint" in err and "using checkpoint-4.pt" in err, err
+    for path in RunDir(run).ckpt_dir.glob("checkpoint-*.pt"):  # none usable: one line
+        path.unlink()
+        torch.save(wrong, path)
+    one_error_line(*call_cli(capsys, "sample", "--run_dir", run, "--out", tmp_path / "t.npz")[::2],
+                   "no usable checkpoint", "not a run checkpoint")
+
+
+def test_damage_to_the_newest_checkpoint_leaves_an_independent_previous_one(tmp_path, reference, capsys):
+    """keep_checkpoints: 1 keeps one numbered checkpoint, a hard link of checkpoint-last.pt (one write, one copy):
+    damage in place hits both names, so the previous checkpoint is kept apart as checkpoint-prev.pt."""
+    run = tmp_path / "run"
+    train(parse(tmp_path, keep_checkpoints=1), run, progress=False)
+    ckpts = RunDir(run).ckpt_dir
+    with open(ckpts / "checkpoint-last.pt", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    capsys.readouterr()
+    assert state_of(run)["step"] == 3
+    assert "using checkpoint-prev.pt" in capsys.readouterr().err
+    train(parse(tmp_path, keep_checkpoints=1), run, progress=False)
+    assert_same_state(state_of(run), reference)
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,6 +407,125 @@ def test_a_checkpoint_that_needs_code_to_unpickle_is_refused(tmp_path, capsys):
     code, _, err = call_cli(capsys, "train", "--config", run / "recipe.yaml", "--run_dir", run)
     one_error_line(code, err, "refusing to load")
     assert not marker.exists() and not (tmp_path / "s.png").exists()
+
+
+def code_payload(kind: str, marker) -> object:
+    """An object whose unpickling runs code that creates ``marker``, the ways an attacker writes one."""
+    calls = {"os.system": (os.system, (f"touch {marker}",)),
+             "subprocess": (subprocess.call, (["touch", str(marker)],)),
+             "exec": (exec, (f"open({str(marker)!r}, 'w').close()",)),
+             "eval": (eval, (f"open({str(marker)!r}, 'w').close()",))}
+
+    class Reduce:
+        def __reduce__(self):
+            return calls[kind]
+
+    return Reduce()
+
+
+PAYLOADS = ("os.system", "subprocess", "exec", "eval")
+GLOBAL_NAMES = {"os.system": "posix.system", "subprocess": "subprocess.call", "exec": "exec", "eval": "eval"}
+
+
+def plant(path, kind: str, marker, layout: str = "zip"):
+    """A checkpoint-shaped file carrying a payload: torch's zip format, the legacy format, a zip whose pickle is
+    protocol 4 (STACK_GLOBAL, which torch's safe unpickler does not even parse), or a torn zip (no directory)."""
+    evil = {"model": {"weight": code_payload(kind, marker)}, "step": 1, "state_dict": {}}
+    kwargs = {"legacy": {"_use_new_zipfile_serialization": False}, "protocol4": {"pickle_protocol": 4}}
+    path.unlink(missing_ok=True)  # a new file, not the bytes of a hard-linked name
+    torch.save(evil, path, **kwargs.get(layout, {}))
+    if layout == "torn":
+        os.truncate(path, path.stat().st_size - 300)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy", "protocol4", "torn"])
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_a_code_payload_is_refused_by_name_whatever_torch_calls_it(tmp_path, kind, layout):
+    """torch 2.14 words a blocked module ("unsupported GLOBAL posix.system whose module posix is blocked")
+    unlike other globals; the refusal must not depend on the wording, and never pass for a truncated file."""
+    marker = tmp_path / "MARKER"
+    path = plant(tmp_path / "evil.pt", kind, marker, layout)
+    with pytest.raises(UnsafeCheckpointError, match=f"refusing to load .* references {GLOBAL_NAMES[kind]}"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def _loaders():
+    """Every loader of a file the user or a download hands the sandbox (grep load_checkpoint)."""
+    from jsonargparse import Namespace
+
+    from sandbox.cli.bench import _official_parts
+    from sandbox.eval.fidelity import INCEPTION, load_feature_extractor
+    from sandbox.eval.reconstruction import load_lpips
+    from sandbox.lab.official import load_official_checkpoint
+    from sandbox.plugins.tokenizers.kl16 import load_kl16_state_dict
+    from sandbox.run.checkpoints import load_cached
+
+    return {
+        "official checkpoint": load_official_checkpoint,
+        "KL-16 weights": load_kl16_state_dict,
+        "Inception weights": lambda p: load_feature_extractor(INCEPTION, weights=str(p)),
+        "LPIPS weights": lambda p: load_lpips(weights=str(p)),
+        "bench --official_config": lambda p: _official_parts(Namespace(official_config=str(p)), "cpu"),
+        "a cache (reference features)": load_cached,
+    }
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_every_loader_refuses_a_code_payload(tmp_path, kind):
+    marker = tmp_path / "MARKER"
+    for name, load in _loaders().items():
+        path = plant(tmp_path / "evil.pt", kind, marker)
+        with pytest.raises(UnsafeCheckpointError, match=GLOBAL_NAMES[kind]):
+            load(path)
+        assert not marker.exists(), name
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_a_code_payload_in_a_run_directory_or_cache_stops_every_command(tmp_path, tiny_run, capsys, monkeypatch,
+                                                                        kind):
+    """Never skipped for an older checkpoint, never recomputed over: the evidence stays and the command stops."""
+    import shutil
+
+    from sandbox.plugins.datasets import digits_classifier
+
+    marker, run = tmp_path / "MARKER", tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    plant(RunDir(run).last, kind, marker)
+    with pytest.raises(UnsafeCheckpointError):
+        RunDir(run).load_latest()
+    for line in (["sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.png"],
+                 ["train", "--config", run / "recipe.yaml"], ["report", run, "--out", tmp_path / "r.html"]):
+        one_error_line(*call_cli(capsys, *line)[::2], "refusing to load", "checkpoint-last.pt")
+
+    monkeypatch.setenv("SANDBOX_CACHE", str(tmp_path / "cache"))
+    scorer_cache = digits_classifier.cache_dir() / (f"digits_classifier_v{digits_classifier.VERSION}_8px_seed"
+                                                    f"{digits_classifier.SEED}.pt")
+    scorer_cache.parent.mkdir(parents=True)
+    plant(scorer_cache, kind, marker)
+    with pytest.raises(UnsafeCheckpointError):
+        digits_classifier.DigitsScorer(8)
+    assert scorer_cache.read_bytes()[:2] == b"PK" and not marker.exists()  # kept as it was
+
+
+def test_a_latent_cache_of_pickled_objects_is_refused(tmp_path):
+    """numpy never unpickles here (allow_pickle=False); an object array is refused by name, not a traceback."""
+    import numpy as np
+
+    from sandbox.lab.latent_cache import FORMAT, INDEX, VERSION, LatentCache
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / INDEX).write_text(json.dumps({"format": FORMAT, "version": VERSION, "complete": True, "count": 1,
+                                          "shard_size": 1, "moment_shape": [2, 2, 2, 2], "next_index": 1,
+                                          "shards": [{"file": "shard-00000.npy", "rows": 1}]}))
+    np.save(root / "labels.npy", np.array([code_payload("exec", tmp_path / "MARKER")], dtype=object),
+            allow_pickle=True)
+    np.save(root / "shard-00000.npy", np.zeros((1, 2, 2, 2, 2), np.float32))
+    with pytest.raises(UnsafeCheckpointError, match="labels.npy"):
+        LatentCache(root)[0]
+    assert not (tmp_path / "MARKER").exists()
 
 
 def test_the_allowlist_is_explicit(tmp_path):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sandbox.errors import UserError
 from sandbox.plugins.datasets.digits import load_digits_tensor
-from sandbox.run.checkpoints import load_checkpoint
+from sandbox.run.checkpoints import load_cached
 from sandbox.weights import cache_dir
 
 SEED = 0  # fixes the split, the initialisation and the data order: one classifier per image size
@@ -121,12 +121,9 @@ class DigitsScorer:
     def __init__(self, image_size: int):
         self.image_size = image_size
         path = cache_dir() / f"digits_classifier_v{VERSION}_{image_size}px_seed{SEED}.pt"
-        state = None
-        if path.is_file():
-            try:
-                state = load_checkpoint(path)
-            except Exception:  # a corrupt cache is rebuilt, never trusted
-                state = None
+        state = load_cached(path)  # a corrupt cache is rebuilt, never trusted; a planted pickle is refused
+        if not (isinstance(state, dict) and "net" in state and "real_accuracy" in state):
+            state = None
         self.net = DigitsNet()
         if state is None:
             net, acc = train_classifier(image_size)

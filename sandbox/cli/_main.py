@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from sandbox.config.files import FLAG_ORIGIN, expand_bases, plugin_files
+from sandbox.config.files import expand_bases, load_plugin_files
 from sandbox.config.recipe import one_line
 from sandbox.errors import UserError
 from sandbox.fast.allocator import keep_freed_memory
@@ -67,19 +67,7 @@ def run(argv: list[str]) -> None:
     registry.load_builtins()
     registry.load_entry_points()
     argv = expand_bases(argv)
-    found = plugin_files(argv)
-    given = {registry.module_name_for(path) for path, origin in found if origin == FLAG_ORIGIN}
-    for path, origin in found:  # --plugin files first: one stands in for a listed file of the same name
-        if origin == FLAG_ORIGIN:
-            registry.load_file(path, origin)
-    for path, origin in found:
-        if origin != FLAG_ORIGIN:
-            registry.load_listed([path], origin, stand_ins=given)
-    files = []
-    for path, _ in found:
-        resolved = Path(sys.modules[registry.module_name_for(path)].__file__).resolve()
-        if resolved not in files:
-            files.append(resolved)
+    files = load_plugin_files(argv)  # a run directory's recipe imports only what --plugin names
     registry.discover()  # a name clash is an error naming both sources
     parser = main_parser()
     argv = _resolved_recipe_args(_strip_plugin_flags(argv), parser, files)

@@ -1,14 +1,34 @@
 """Recipe files on a command line: the recipes each builds on (``base:``), and the plugin files a command names
 (``--plugin FILE``, ``plugins:`` in a recipe, ``--plugins LIST``). Plugin files are imported before parsing,
-because jsonargparse resolves a short class name only among subclasses that are already imported."""
+because jsonargparse resolves a short class name only among subclasses that are already imported.
+
+Trust: a recipe file the user names is like a script they run, so the plugin files it lists are imported. A
+run directory's own ``recipe.yaml`` (continuing a run: ``sandbox train --config RUN/recipe.yaml``) is data
+someone may have shared: the files it lists are imported only when the user names them with ``--plugin``, and
+its plugin slots must name registered plugins.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from sandbox.errors import UserError
 
 FLAG_ORIGIN = "given with --plugin"
+RUN_RECIPE = "recipe.yaml"  # what `sandbox train` stores in a run directory (sandbox/run/rundir.py)
+
+
+class PluginFile(NamedTuple):
+    path: Path
+    origin: str  # where it was given (for messages); for a run's recipe, the run ("run runs/x")
+    trusted: bool  # named by the user; False: listed by a run directory's recipe.yaml, imported only if given
+
+
+def is_run_recipe(path: Path) -> bool:
+    """A run directory's stored recipe: a ``recipe.yaml`` next to the ``checkpoints/`` folder `sandbox train`
+    makes. (Any other recipe file is one the user wrote or chose to run, like a script.)"""
+    return path.name == RUN_RECIPE and (path.parent / "checkpoints").is_dir()
 
 
 def _option_values(argv: list[str], flag: str) -> list[str]:
@@ -43,10 +63,11 @@ def _read_recipe(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _recipe_plugins(path: Path) -> list[tuple[Path, str]]:
-    """``plugins:`` of a recipe file, relative to the recipe's directory."""
-    data = _read_recipe(path)
-    return [(path.parent / f, f"listed under plugins: in {path}") for f in _as_list(data.get("plugins"), str(path))]
+def _recipe_plugins(path: Path) -> list[PluginFile]:
+    """``plugins:`` of a recipe file, relative to the recipe's directory (never the current one)."""
+    data, stored = _read_recipe(path), is_run_recipe(path)
+    origin = f"run {path.parent}" if stored else f"listed under plugins: in {path}"
+    return [PluginFile(path.parent / f, origin, not stored) for f in _as_list(data.get("plugins"), str(path))]
 
 
 def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
@@ -60,6 +81,9 @@ def _with_bases(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
     base = data.get("base")
     if base is None:
         return [path]
+    if is_run_recipe(path):  # stored recipes are complete (the bases applied): a base here was added by hand
+        raise UserError(f"{path} is a run directory's recipe and names a base ({base!r}); a stored recipe is "
+                        "complete: remove base:, or give the base first: --config BASE.yaml --config RECIPE.yaml")
     if not isinstance(base, str):
         raise UserError(f"base in {path} must be one recipe file path, got {base!r}")
     base_path = path.parent / base
@@ -112,8 +136,7 @@ def parse_recipe_file(path: Path, overrides: list[str] = ()):
     from sandbox.config.recipe import one_line, recipe_parser
 
     argv = expand_bases(["--config", str(path)])
-    for file, origin in plugin_files(argv):
-        registry.load_listed([file], origin)
+    load_plugin_files(argv)
     registry.discover()  # a name clash is an error naming both sources
     try:
         return recipe_parser().parse_args(argv + ["--base=null", *overrides])
@@ -121,12 +144,12 @@ def parse_recipe_file(path: Path, overrides: list[str] = ()):
         raise UserError(f"recipe {path}: {one_line(e)}") from None
 
 
-def plugin_files(argv: list[str]) -> list[tuple[Path, str]]:
+def plugin_files(argv: list[str]) -> list[PluginFile]:
     """Plugin files named on a command line: ``--plugin FILE`` (repeatable, anywhere), ``plugins:`` in
-    each ``--config`` recipe (relative to that recipe) and ``--plugins LIST`` -> [(path, where it was given)]."""
+    each ``--config`` recipe (relative to that recipe) and ``--plugins LIST``."""
     import yaml
 
-    found = [(Path(f), FLAG_ORIGIN) for f in _option_values(argv, "--plugin")]
+    found = [PluginFile(Path(f), FLAG_ORIGIN, True) for f in _option_values(argv, "--plugin")]
     for config in _option_values(argv, "--config"):
         if os.path.isfile(config):
             found += _recipe_plugins(Path(config))
@@ -135,5 +158,37 @@ def plugin_files(argv: list[str]) -> list[tuple[Path, str]]:
             items = yaml.safe_load(value)
         except yaml.YAMLError:
             items = value
-        found += [(Path(f), "given with --plugins") for f in _as_list(items, "--plugins")]
+        found += [PluginFile(Path(f), "given with --plugins", True) for f in _as_list(items, "--plugins")]
     return found
+
+
+def load_plugin_files(argv: list[str]) -> list[Path]:
+    """Import the plugin files a command line names: ``--plugin`` files first (one stands in for a listed file
+    of the same file name), then the files trusted recipes list. A file a run directory's recipe lists is never
+    imported: it must be given with ``--plugin`` (one error line naming the file and the flag otherwise), and
+    that recipe's plugin slots must name registered plugins. Returns the loaded files (absolute, once each)."""
+    import sys
+
+    from sandbox.config import registry
+    from sandbox.config.recipe import check_stored_classes
+
+    found = plugin_files(argv)
+    given = {registry.module_name_for(f.path) for f in found if f.origin == FLAG_ORIGIN}
+    for f in found:
+        if f.origin == FLAG_ORIGIN:
+            registry.load_file(f.path, f.origin)
+    for f in found:
+        if f.origin != FLAG_ORIGIN and f.trusted:
+            registry.load_listed([f.path], f.origin, stand_ins=given)
+    for f in found:
+        if not f.trusted:
+            registry.require_loaded([f.path], f.origin)
+    for config in _option_values(argv, "--config"):
+        if os.path.isfile(config) and is_run_recipe(Path(config)):
+            check_stored_classes(_read_recipe(Path(config)), f"run {Path(config).parent}")
+    files = []
+    for f in found:
+        resolved = Path(sys.modules[registry.module_name_for(f.path)].__file__).resolve()
+        if resolved not in files:
+            files.append(resolved)
+    return files

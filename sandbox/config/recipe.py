@@ -82,19 +82,84 @@ def upgrade_recipe(recipe: dict) -> dict:
     return out
 
 
-def parse_recipe(recipe: dict, origin: str = "the stored recipe") -> Namespace:
-    """Re-parse a stored recipe dict (e.g. from a checkpoint) into a checked namespace; first loads the
-    plugin files it lists (absolute paths), so their class paths resolve in a fresh process."""
+def parse_recipe(recipe: dict, origin: str = "the stored recipe", root: Path | None = None,
+                 trusted: bool = False) -> Namespace:
+    """Re-parse a recipe dict into a checked namespace.
+
+    A stored recipe (a checkpoint's: ``trusted=False``) imports nothing. The plugin files it lists must have
+    been loaded already, from a source the user named (``--plugin``), else one error line names them and the
+    flag; relative ones are shown relative to ``root`` (the run directory), never the current directory. Its
+    plugin slots must name registered plugins (``check_stored_classes``). ``origin`` names it in messages
+    ("run runs/x"). ``trusted``: a dict the caller wrote (``sandbox.build(dict)``): the files it lists load, as
+    a recipe file's do on a command line.
+    """
+    from sandbox.config import registry
+
+    if not isinstance(recipe, dict):
+        raise UserError(f"{origin}: the stored recipe is not a mapping")
+    registry.discover()
+    files = recipe.get("plugins") or []
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        raise UserError(f"{origin}: plugins must be a list of .py file paths, got {files!r}")
+    if trusted:
+        registry.load_listed(files, origin=f"listed under plugins: in {origin}")
+    else:
+        registry.require_loaded([Path(root) / f if root else Path(f) for f in files], origin)
+    registry.discover()  # a name clash is an error naming both sources
+    recipe = upgrade_recipe(recipe)
+    if not trusted:
+        check_stored_classes(recipe, origin)
+    try:
+        return recipe_parser().parse_object(recipe)
+    except Exception as e:
+        raise UserError(f"stored recipe no longer parses: {one_line(e)}") from e
+
+
+def check_stored_classes(recipe: dict, origin: str) -> None:
+    """Each plugin slot of a stored recipe names a registered plugin of the slot's kind (its short name or
+    ``module.Class``), and nothing else in it names a class: jsonargparse imports whatever module a class
+    path names (``this.DiffusionHead`` would print the Zen of Python), so any other class path is refused
+    before parsing, never imported."""
     from sandbox.config import registry
 
     registry.discover()
-    registry.load_listed(recipe.get("plugins") or [], origin=f"listed under plugins: in {origin}")
-    registry.discover()  # a name clash is an error naming both sources
-    parser = recipe_parser()
-    try:
-        return parser.parse_object(upgrade_recipe(recipe))
-    except Exception as e:
-        raise UserError(f"stored recipe no longer parses: {one_line(e)}") from e
+    for slot, kind in _SLOT_KIND.items():
+        value = recipe.get(slot)
+        if value is None:
+            continue  # the parser reports a missing slot
+        path = value.get("class_path") if isinstance(value, dict) else value
+        known = registry.plugins(kind)
+        if not (isinstance(path, str) and (path in known or path in {_full_name(c) for c in known.values()})):
+            raise UserError(f"{origin}: {slot} class {path!r} is not a registered {kind} plugin; a stored recipe "
+                            f"names only registered plugins (the {kind}s are {', '.join(known) or '(none)'}; "
+                            "load a plugin file with --plugin FILE.py)")
+        nested = _class_paths(value.get("init_args") if isinstance(value, dict) else None, f"{slot}.init_args")
+        _refuse_nested(nested, origin)
+    for key in ("model", "train", "sample"):
+        _refuse_nested(_class_paths(recipe.get(key), key), origin)
+
+
+def _refuse_nested(found, origin: str) -> None:
+    for where, path in found:
+        raise UserError(f"{origin}: {where} names class {path!r}, which is not a registered plugin in a plugin "
+                        "slot; a stored recipe imports nothing else")
+
+
+def _full_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _class_paths(value, where: str):
+    """(key, class path) of every ``class_path`` nested anywhere in ``value``."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "class_path":
+                yield where, v
+            else:
+                yield from _class_paths(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _class_paths(v, f"{where}[{i}]")
 
 
 # jsonargparse's words for a class name it cannot resolve: in a plugin slot, that is an unknown plugin

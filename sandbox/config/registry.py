@@ -13,12 +13,13 @@ Three sources, loaded in this order:
     built-in        every module under ``sandbox.plugins`` (the repository's plugins/), and the method's own
                     backbone and condition (sandbox/core/transformer.py, condition.py)
     entry points    group ``mar_sandbox.plugins`` of installed packages; each names a module (or an object in it)
-    plugin files    ``--plugin FILE`` on the command line, or ``plugins: [FILE, ...]`` in a recipe
+    plugin files    ``--plugin FILE`` on the command line, or ``plugins: [FILE, ...]`` in a recipe the user names
 
 A plugin file is imported as the module ``sandbox_plugin_<file stem>``, so a
 recipe stored in a run directory names its classes with a class path that
 resolves again in a later process once the file (listed, absolute, under the
-recipe's ``plugins:``) is loaded.
+recipe's ``plugins:``) is loaded. A stored recipe never loads a file itself
+(``require_loaded``): the user names it with ``--plugin``.
 """
 from __future__ import annotations
 
@@ -149,6 +150,22 @@ def load_listed(paths, origin: str, stand_ins: set[str] | None = None) -> None:
             if "not found" not in str(e):
                 raise
             raise UserError(f"{e}; if the file moved, give its new path with --plugin") from None
+
+
+def require_loaded(paths, who: str) -> None:
+    """Check, importing nothing, that the plugin files a stored recipe lists (a run directory's) were loaded
+    from a source the user named (``--plugin``, or a recipe file they gave), matched by file name as a stand-in
+    is. ``who`` names what needs them ("run runs/x"). A run directory is data: the files it names never run
+    unless the user names them too."""
+    missing = [Path(p) for p in paths if module_name_for(p) not in _files]
+    if not missing:
+        return
+    files = ", ".join(map(str, missing))
+    flags = " ".join(f"--plugin {p}" for p in missing)
+    moved = "; if the file moved, give its new path with --plugin" if not all(p.is_file() for p in missing) else ""
+    many = len(missing) > 1
+    raise UserError(f"{who} needs plugin file{'s' * many} {files}: pass {flags} if you trust "
+                    f"{'them' if many else 'it'}{moved}")
 
 
 def load_files(paths, origin: str = "") -> list[Path]:

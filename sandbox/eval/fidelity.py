@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sandbox.errors import UserError
 from sandbox.images.io import ImageSet
-from sandbox.run.checkpoints import load_checkpoint, save_checkpoint
+from sandbox.run.checkpoints import load_cached, load_checkpoint, save_checkpoint
 from sandbox.weights import cache_dir, find_weights
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's TF-Inception port: the network of published FIDs
@@ -128,11 +128,9 @@ def reference_features(ref: ImageSet, extractor, weights: str | None, device, ba
         key = json.dumps({"ref": str(ref.path.resolve()), **_fingerprint(ref), "extractor": extractor.get_name(),
                           "weights": str(w.resolve()), "weights_bytes": w.stat().st_size}, sort_keys=True)
         path = cache_dir() / "fidelity" / f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-        if path.is_file():
-            try:
-                return load_checkpoint(path)
-            except Exception:  # a corrupt cache entry is recomputed, never trusted
-                pass
+        cached = load_cached(path)  # a corrupt entry is recomputed, never trusted; a planted pickle refused
+        if cached is not None:
+            return cached
     feats = extract_features(extractor, ref.batches(batch_size), device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from sandbox.errors import UserError
-from sandbox.run.checkpoints import load_checkpoint
+from sandbox.run.checkpoints import UnsafeCheckpointError, load_checkpoint
 from sandbox.run.files import atomic_write_bytes
 from sandbox.run.monitor import _smooth, read_metrics
 from sandbox.run.rundir import RunDir
@@ -193,6 +193,8 @@ def _checkpoint_info(run: RunDir) -> dict:
     for path in ([run.last] if run.last.is_file() else []) + run.checkpoints():
         try:
             ckpt = load_checkpoint(path, mmap=True)
+        except UnsafeCheckpointError:  # planted code: refused, never passed over for an older file
+            raise
         except UserError as e:  # an older one may load, as when sampling (RunDir.load_latest)
             errors.append(str(e))
             continue

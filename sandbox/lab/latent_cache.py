@@ -33,6 +33,7 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from sandbox.errors import UserError
+from sandbox.run.checkpoints import UnsafeCheckpointError
 from sandbox.run.files import atomic_write_bytes
 
 FORMAT = "mar-sandbox latent cache"
@@ -219,6 +220,19 @@ def _write_index(root: Path, index: dict) -> None:
 # --------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------
+def _load_array(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A cache array, numbers only: numpy never unpickles here, and an array of pickled Python objects (which
+    would run code if unpickled) is refused by name, like a checkpoint that needs code."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as e:
+        if "object" not in str(e).lower() and "pickle" not in str(e).lower():
+            raise
+        raise UnsafeCheckpointError(f"refusing to load {path}: it holds pickled Python objects, which would run "
+                                    "code when unpickled; a latent cache holds numbers only (remake it with "
+                                    "`sandbox cache`)") from None
+
+
 class LatentCache:
     """Read a complete cache: ``cache[i] -> (moments of both views (2,P,h,w) float32, label)``."""
 
@@ -248,12 +262,12 @@ class LatentCache:
     @property
     def labels(self) -> np.ndarray:
         if self._labels is None:
-            self._labels = np.load(self.root / "labels.npy", mmap_mode="r")
+            self._labels = _load_array(self.root / "labels.npy", mmap_mode="r")
         return self._labels
 
     def _shard(self, k: int) -> np.ndarray:
         if k not in self._shards:
-            self._shards[k] = np.load(self.root / self.index["shards"][k]["file"], mmap_mode="r")
+            self._shards[k] = _load_array(self.root / self.index["shards"][k]["file"], mmap_mode="r")
         return self._shards[k]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -263,4 +277,4 @@ class LatentCache:
         return torch.from_numpy(np.array(self._shard(k)[row], dtype=np.float32)), int(self.labels[i])
 
     def probe(self) -> np.ndarray:
-        return np.load(self.root / "probe.npy")
+        return _load_array(self.root / "probe.npy")

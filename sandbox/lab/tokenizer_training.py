@@ -242,7 +242,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     disc = PatchDiscriminator(lc.disc_layers, lc.disc_channels).to(device) if lc.disc_start is not None else None
     losses = _Losses(lc, device)
     params = sum(p.numel() * p.element_size() for m in (vae, disc) if m is not None for p in m.parameters())
-    run.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 1) + 1))  # weights, EMA, Adam's two moments
+    run.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 2) + 1))  # copies as trainer.checkpoint_reserve
     run.write_recipe(recipe)
 
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
@@ -326,7 +326,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             step += 1
             bar.update(1)
             if guard.diverged():
-                raise guard.stop(step, run.last if run.last.exists() else None)
+                raise guard.stop(step, run.verified)
 
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.perf_counter()

@@ -58,8 +58,8 @@ class NonFiniteGuard:
         return self.limit > 0 and self.consecutive >= self.limit
 
     def stop(self, step: int, last_good: Path | None) -> TrainingDiverged:
-        where = (f"the last good checkpoint is {last_good}" if last_good is not None
-                 else "no checkpoint was saved before it")
+        where = (f"the last good checkpoint is {last_good}" if last_good is not None  # written or verified
+                 else "no checkpoint before it is known good (none was saved, or only ones without a checksum)")
         return TrainingDiverged(
             f"training stopped at step {step}: {self.consecutive} consecutive steps ({self.first_bad}-{step}) had a "
             f"non-finite loss or gradient; {where}; resume from it with --train.head_fp32 true or "

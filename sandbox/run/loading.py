@@ -47,13 +47,17 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", head_args: dict | None = None,
-             compile: bool = False, fast_paths: bool = True) -> LoadedRun:
+             compile: bool = False, fast_paths: bool = True, plugins=()) -> LoadedRun:
     """Rebuild a run's parts from its newest checkpoint alone.
 
     ``head_args`` overrides the head's init_args (sampling options such as a head's sampler or step count);
     the overridden recipe is type-checked like any recipe and must still fit the checkpoint. ``compile``: the
-    head samples through ``torch.compile``; ``fast_paths``: the speed paths of ``sandbox.fast``.
+    head samples through ``torch.compile``; ``fast_paths``: the speed paths of ``sandbox.fast``. ``plugins``:
+    plugin files to load, as ``--plugin`` does: the run's own recipe never imports the files it lists.
     """
+    from sandbox.config import registry
+
+    registry.load_files(plugins, origin="given to load_run")
     run = RunDir(run_dir).require()
     ckpt = run.load_latest()
     if ckpt is None:
@@ -81,7 +85,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", he
 
 def _recipe(run: RunDir, ckpt: dict, head_args: dict | None):
     """The checkpoint's recipe, parsed (and checked) again, with ``head_args`` over the head's init_args."""
-    cfg = parse_recipe(ckpt["recipe"], origin=f"the recipe of {run.root}")
+    cfg = parse_recipe(ckpt["recipe"], origin=f"run {run.root}", root=run.root)  # imports nothing it names
     if not head_args:
         return cfg
     recipe = copy.deepcopy(ckpt["recipe"])

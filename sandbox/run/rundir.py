@@ -10,8 +10,13 @@ A run directory holds:
 Crash safety: a checkpoint is written once to a temporary file, flushed and fsynced, then renamed into place
 (``checkpoint-last.pt`` first, then the numbered and best names, as hard links to the same bytes where the
 file system has them). A kill at any moment leaves every name either the old complete file or the new
-complete file. Loading the newest checkpoint skips (and reports) one that is unreadable, falling back to the
-previous one.
+complete file. Loading the newest checkpoint skips (and reports) one that is unreadable, of the wrong shape
+or whose contents do not match their checksum, falling back to the previous one.
+
+Independence: the names of one save share their bytes, so damage in place to ``checkpoint-last.pt`` damages
+the newest numbered checkpoint too. Before a save publishes, the newest checkpoint known good (written or
+verified by this process) becomes ``checkpoint-prev.pt``, a hard link to it (no copy, no write): a separate
+file from the new one, and the fallback that ``keep_checkpoints: 1`` (or 0) would otherwise not leave.
 """
 from __future__ import annotations
 
@@ -28,11 +33,19 @@ import yaml
 
 from sandbox.errors import UserError
 from sandbox.run import files
-from sandbox.run.checkpoints import UnsafeCheckpointError, load_checkpoint
+from sandbox.run.checkpoints import (
+    UnsafeCheckpointError,
+    checksum_problem,
+    has_checksum,
+    load_checkpoint,
+    run_checkpoint_problem,
+    with_checksum,
+)
 from sandbox.run.files import atomic_write_bytes
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
+PREV = "checkpoint-prev.pt"
 
 
 def _step_of(path: Path) -> int:
@@ -49,6 +62,9 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.loaded_path: Path | None = None  # the file ``load_latest`` used
+        # the newest checkpoint known good: verified against its checksum by ``load_latest``, or written by ``save``
+        # (None: none yet, or only one written before checksums); the non-finite guard names only this one
+        self.verified: Path | None = None
 
     @property
     def recipe_path(self) -> Path:
@@ -65,6 +81,10 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.ckpt_dir / BEST
+
+    @property
+    def prev(self) -> Path:
+        return self.ckpt_dir / PREV
 
     @property
     def metrics_path(self) -> Path:
@@ -141,11 +161,11 @@ class RunDir:
         return sorted(self.ckpt_dir.glob("checkpoint-[0-9]*.pt"), key=_step_of, reverse=True)
 
     def load_latest(self, map_location="cpu") -> dict | None:
-        """The newest checkpoint that loads (``checkpoint-last.pt``, then the numbered ones, newest
-        first). An unreadable or truncated one is reported on stderr and the previous one is used;
-        one that would need code to unpickle stops everything (``UnsafeCheckpointError``)."""
-        candidates = [self.last] if self.last.is_file() else []
-        candidates += self.checkpoints()
+        """The newest usable checkpoint (``checkpoint-last.pt``, the numbered ones newest first, then
+        ``checkpoint-prev.pt``). One that is unreadable, truncated, not a run's checkpoint (a bare tensor,
+        missing keys) or whose contents do not match their checksum is reported on stderr and the previous one
+        is used; one that would need code to unpickle stops everything (``UnsafeCheckpointError``)."""
+        candidates = [p for p in (self.last, *self.checkpoints(), self.prev) if p.is_file()]
         errors = []
         for path in candidates:
             try:
@@ -155,26 +175,33 @@ class RunDir:
             except UserError as e:
                 errors.append(str(e).replace(str(path), path.name))
                 continue
+            problem = run_checkpoint_problem(ckpt) or checksum_problem(ckpt)
+            if problem:
+                errors.append(f"checkpoint {path.name}: {problem}")
+                continue
             if errors:
-                _warn(f"skipped {len(errors)} unreadable checkpoint(s) ({'; '.join(errors)}); "
-                      f"using {path.name} (step {ckpt.get('step', '?')})")
+                _warn(f"skipped {len(errors)} unusable checkpoint(s) ({'; '.join(errors)}); "
+                      f"using {path.name} (step {ckpt['step']})")
             self.loaded_path = path
+            self.verified = path if has_checksum(ckpt) else None
             return ckpt
         if errors:
-            raise UserError(f"no readable checkpoint in {self.ckpt_dir}: {'; '.join(errors)}")
+            raise UserError(f"no usable checkpoint in {self.ckpt_dir}: {'; '.join(errors)}")
         return None
 
     def save(self, ckpt: dict, step: int, keep: int, best: bool = False) -> Path:
         """Write ``checkpoint-last.pt``, ``checkpoint-<step>.pt`` (if ``keep`` > 0) and, if ``best``,
-        ``checkpoint-best.pt``; prune numbered ones beyond ``keep``. Returns the numbered path (or the
-        last one when none are kept). On failure (a full disk) nothing is pruned and the previous
+        ``checkpoint-best.pt``, with the checksum of their contents; keep the newest checkpoint known good
+        before this one as ``checkpoint-prev.pt``; prune numbered ones beyond ``keep``. Returns the numbered
+        path (or the last one when none are kept). On failure (a full disk) nothing is pruned and the previous
         checkpoints are intact."""
         buf = io.BytesIO()
-        torch.save(ckpt, buf)
+        torch.save(with_checksum(ckpt), buf)
         numbered = self.ckpt_dir / f"checkpoint-{step}.pt"
         names = [numbered] if keep > 0 else []
         names += [self.best] if best else []
         try:
+            self._keep_previous()
             atomic_write_bytes(self.last, buf.getvalue(), also=names)
         except UserError as e:
             raise UserError(f"could not save the step-{step} checkpoint in {self.ckpt_dir}: "
@@ -182,7 +209,26 @@ class RunDir:
                             "checkpoints are intact: free space and run the same command to resume") from e
         for old in self.checkpoints()[max(keep, 0):]:
             old.unlink(missing_ok=True)
-        return numbered if keep > 0 else self.last
+        self.verified = numbered if keep > 0 else self.last
+        return self.verified
+
+    def _keep_previous(self) -> None:
+        """``checkpoint-prev.pt`` := the newest checkpoint known good, before the next save replaces
+        ``checkpoint-last.pt``: a hard link (atomic, no bytes written), or a copy where there are no links."""
+        good = self.verified
+        if good is None or not good.is_file() or (self.prev.is_file() and os.path.samefile(good, self.prev)):
+            return
+        tmp = self.ckpt_dir / f".{PREV}.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(good, tmp)
+            except OSError:  # no hard links here (FAT, some network file systems)
+                shutil.copyfile(good, tmp)
+            os.replace(tmp, self.prev)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"could not keep {good.name} as {PREV}: {e.strerror or e}") from e
 
     # -- metrics log ----------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:

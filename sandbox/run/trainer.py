@@ -64,10 +64,11 @@ def train(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
 
 def checkpoint_reserve(model: torch.nn.Module, tc: TrainConfig) -> int:
     """Disk bytes a run's checkpoints need at once: weights, EMA and AdamW's two moments (4x the
-    parameters) per copy; copies: the kept ones (checkpoint-last.pt is a link to the newest), the best
-    one and the one being written."""
+    parameters) per copy; copies: the kept ones (checkpoint-last.pt is a link to the newest) and
+    checkpoint-prev.pt (a link to the one before, a copy of its own when fewer than 2 are kept): at least 2;
+    the best one and the one being written."""
     size = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
-    return size * (max(tc.keep_checkpoints, 1) + 1 + (tc.best_metric is not None))
+    return size * (max(tc.keep_checkpoints, 2) + 1 + (tc.best_metric is not None))
 
 
 class Trainer:
@@ -95,7 +96,7 @@ class Trainer:
             self.restore(ckpt)
         if self.main:  # only now: a resume refused above leaves the stored recipe as it was
             self.run_dir.write_recipe(self.recipe)
-        self.last_good = self.run_dir.loaded_path  # named when the run stops on non-finite numbers
+        self.last_good = self.run_dir.verified  # named when the run stops on non-finite numbers: checked ones only
         self.wrap()
         try:
             stopping = self.loop()
