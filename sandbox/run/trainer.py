@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sandbox import __version__, fast
 from sandbox.config.build import build
-from sandbox.config.recipe import instantiate, recipe_dict, slot_classes
+from sandbox.config.recipe import check_values, instantiate, recipe_dict, slot_classes
 from sandbox.config.schema import TrainConfig
 from sandbox.core.training import StepResult, train_step, training_loss
 from sandbox.errors import UserError
@@ -69,6 +69,7 @@ class Trainer:
         self.main = self.dist.is_main
         self.run_dir = RunDir(run_dir)
         self.recipe = recipe_dict(cfg)
+        check_values(cfg)  # every value, before the run directory is touched
         self.tc: TrainConfig = instantiate(cfg, "train")
         self.step, self.tb, self.last = 0, None, {}
 

@@ -1,0 +1,128 @@
+"""Bad input and damaged files (issue 18): every value is checked before anything is written, a damaged log
+or recipe.yaml is repaired with one warning, a read-only destination is one error line, a truncated cache of
+evaluation samples is sampled again, and the output says which weights were sampled.
+
+In-process, on the tiny recipe of tests/conftest.py (a few seconds in all).
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from test_reliability import call_cli, one_error_line, parse, recipe_file
+
+import sandbox
+from sandbox.errors import UserError
+from sandbox.run.trainer import train
+
+
+def snapshot(root) -> dict:
+    """Every file under ``root`` and its bytes: "untouched" means equal snapshots."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def own_copy(run, tmp_path, name="run"):
+    """A private copy of the shared tiny run (commands below write into it)."""
+    return shutil.copytree(run, tmp_path / name)
+
+
+# ----------------------------------------------------------------------------------------
+# Every recipe value is checked when the recipe is built (defect 6)
+# ----------------------------------------------------------------------------------------
+BAD_RECIPE_VALUES = {  # each let a run start (several let it finish, then fail at the final grid) or tracebacked
+    "no sampling steps": (["--sample.num_iter", "0"], "sample.num_iter must be >= 1"),
+    "no class buffer": (["--model.buffer_size", "0"], "model.buffer_size must be >= 1"),
+    "negative lr": (["--train.lr", "-1"], "train.lr must be > 0"),
+    "negative blr": (["--train.lr", "null", "--train.blr=-1e-4"], "train.blr must be > 0"),
+    "beta above 1": (["--train.betas", "[0.9, 1.5]"], "train.betas"),
+    "beta of 1": (["--train.betas", "[1.0, 0.95]"], "train.betas"),
+    "one beta": (["--train.betas", "[0.9]"], "train.betas"),
+    "negative weight decay": (["--train.weight_decay", "-0.1"], "train.weight_decay must be >= 0"),
+    "negative min_lr": (["--train.min_lr", "-1"], "train.min_lr must be >= 0"),
+    "negative grad clip": (["--train.grad_clip", "-1"], "train.grad_clip must be >= 0"),
+    "infinite lr": ({"train": {"lr": float("inf")}}, "train.lr"),
+    "NaN ema decay": ({"train": {"ema_decay": float("nan")}}, "train.ema_decay"),
+    "unknown device": (["--train.device", "tpu"], "device 'tpu'"),
+    "meta device": (["--train.device", "meta"], "device 'meta'"),
+    "sample batch 0": (["--sample.batch_size", "0"], "sample.batch_size must be >= 1"),
+    "no grid rows": (["--sample.grid_classes", "0"], "sample.grid_classes must be >= 1"),
+    "no grid columns": (["--sample.grid_per_class", "0"], "sample.grid_per_class must be >= 1"),
+    "zero temperature": (["--sample.temperature", "0"], "sample.temperature must be > 0"),
+    "NaN guidance": ({"sample": {"cfg": float("nan")}}, "sample.cfg"),
+    "unknown guidance schedule": (["--sample.cfg_schedule", "bogus"], "sample.cfg_schedule"),
+    "attention dropout 1": (["--model.attn_dropout", "1.0"], "model.attn_dropout must be in [0, 1)"),
+    "negative projection dropout": (["--model.proj_dropout", "-0.1"], "model.proj_dropout must be in [0, 1)"),
+    "no MLP": (["--model.mlp_ratio", "0"], "model.mlp_ratio must be > 0"),
+    "zero norm eps": (["--model.norm_eps", "0"], "model.norm_eps must be > 0"),
+    "no encoder blocks": (["--model.encoder_depth", "0"], "model.encoder_depth must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_RECIPE_VALUES.values()), ids=list(BAD_RECIPE_VALUES))
+def test_every_recipe_value_is_checked_before_anything_is_written(tmp_path, capsys, bad):
+    args, fragment = bad
+    if isinstance(args, dict):  # a value the command line cannot spell (inf, NaN): in a YAML file
+        (tmp_path / "override.yaml").write_text(yaml.safe_dump(args))
+        args = ["--config", tmp_path / "override.yaml"]
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), *args, "--run_dir", tmp_path / "run")
+    one_error_line(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_on_resume_leaves_the_run_untouched(tmp_path, capsys):
+    """Sampling settings may change on resume (they do not change what is trained): a bad one is refused
+    before the run directory is touched, not after the remaining steps."""
+    run = tmp_path / "run"
+    train(parse(tmp_path, steps=3), run, progress=False)
+    before = snapshot(run)
+    for args, fragment in ((["--sample.num_iter", "0"], "sample.num_iter"), (["--train.device", "meta"], "meta")):
+        code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", run, *args)
+        one_error_line(code, err, fragment)
+        assert snapshot(run) == before
+
+
+BAD_SAMPLING_OPTIONS = {
+    "negative num_iter": (["--num_iter", "-2"], "--num_iter must be >= 1, got -2"),
+    "zero num_iter": (["--num_iter", "0"], "--num_iter must be >= 1, got 0"),  # not the recipe's value
+    "negative batch": (["--batch_size", "-1"], "--batch_size must be >= 1, got -1"),
+    "zero batch": (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),  # not the recipe's value
+    "zero temperature": (["--temperature", "0"], "--temperature must be > 0"),
+    "unknown guidance schedule": (["--cfg_schedule", "bogus"], "cfg_schedule"),
+    "no images": (["--num_images", "0"], "--num_images must be >= 1"),
+    "unknown device": (["--device", "tpu"], "device 'tpu'"),
+    "meta device": (["--device", "meta"], "device 'meta'"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_SAMPLING_OPTIONS.values()), ids=list(BAD_SAMPLING_OPTIONS))
+def test_bad_sampling_options_are_one_line(tiny_run, tmp_path, capsys, bad):
+    args, fragment = bad
+    before = snapshot(tiny_run)
+    for out in ("s.png", "s.npz"):
+        code, _, err = call_cli(capsys, "sample", "--run_dir", tiny_run, "--out", tmp_path / out, *args)
+        one_error_line(code, err, fragment)
+    code, out, err = call_cli(capsys, "eval", "--run_dir", tiny_run, "--num_images", 4, *args)
+    one_error_line(code, err, fragment)
+    assert not out and not list(tmp_path.iterdir()) and snapshot(tiny_run) == before  # nothing written anywhere
+
+
+@pytest.mark.parametrize("args,fragment", [(["--num_iter", "0"], "--num_iter must be >= 1"),  # not the recipe's
+                                           (["--num_iter", "-3"], "--num_iter must be >= 1"),
+                                           (["--temperature", "0"], "--temperature must be > 0"),
+                                           (["--device", "meta"], "device 'meta'")], ids=["0", "-3", "t0", "meta"])
+def test_bench_options_are_checked(tmp_path, capsys, args, fragment):
+    code, _, err = call_cli(capsys, "bench", "--recipe", recipe_file(tmp_path), "--batch_size", 0,
+                            "--sample_batch_size", 2, *args)
+    one_error_line(code, err, fragment)
+
+
+def test_eval_feature_batch_and_api_generate_are_checked(tiny_run, capsys):
+    code, _, err = call_cli(capsys, "eval", "--run_dir", tiny_run, "--num_images", 2, "--fidelity_batch_size", 0)
+    one_error_line(code, err, "--fidelity_batch_size must be >= 1")
+    run = sandbox.load_run(tiny_run, device="cpu")
+    for kwargs, fragment in (({"num_iter": 0}, "num_iter must be >= 1"), ({"batch_size": 0}, "batch_size"),
+                             ({"temperature": -1.0}, "temperature"), ({"cfg_schedule": "cosine"}, "cfg_schedule")):
+        with pytest.raises(UserError, match=fragment):
+            sandbox.generate(run, num_images=2, **kwargs)
+
