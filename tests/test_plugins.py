@@ -115,8 +115,8 @@ def test_plugin_file_given_with_flag_trains_is_listed_and_reloads(cli, tmp_path)
 
 
 
-@pytest.mark.parametrize("where,name", [("with space/é/플러그인/머리.py", "AccentHead"), ("emoji 😀/🚀/head_😀.py", "EmojiHead")],
-                         ids=["accents and Hangul", "emoji"])
+@pytest.mark.parametrize("where,name", [("with space/é/플러그인/머리.py", "AccentHead"),
+                                        ("emoji 😀/🚀/head_😀.py", "EmojiHead")], ids=["accents and Hangul", "emoji"])
 def test_plugin_paths_outside_ascii(cli, tmp_path, where, name):
     """Characters outside the BMP (an emoji) reached the parser as JSON surrogate pairs (\\ud83d\\ude00) that
     YAML cannot read back: every command failed with "plugins: Expected a list"."""
