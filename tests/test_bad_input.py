@@ -6,14 +6,21 @@ In-process, on the tiny recipe of tests/conftest.py (a few seconds in all).
 """
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import json
+import os
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 from test_reliability import call_cli, one_error_line, parse, recipe_file
 
 import sandbox
 from sandbox.errors import UserError
+from sandbox.run.rundir import RunDir
 from sandbox.run.trainer import train
 
 
@@ -126,3 +133,89 @@ def test_eval_feature_batch_and_api_generate_are_checked(tiny_run, capsys):
         with pytest.raises(UserError, match=fragment):
             sandbox.generate(run, num_images=2, **kwargs)
 
+
+# ----------------------------------------------------------------------------------------
+# What was sampled is what the output says (defect 13)
+# ----------------------------------------------------------------------------------------
+def test_a_checkpoint_without_ema_is_reported_as_raw_weights(tiny_run, tmp_path, capsys):
+    run = own_copy(tiny_run, tmp_path)
+    rd = RunDir(run)
+    ckpt = rd.load_latest()
+    del ckpt["ema"]  # e.g. an imported or hand-made checkpoint
+    rd.save(ckpt, ckpt["step"], keep=0)  # checkpoint-last.pt alone, without EMA weights
+    code, out, err = call_cli(capsys, "sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.png")
+    assert code == 0, err
+    assert "raw weights" in out and "EMA" not in out.replace("no EMA", ""), out
+    assert "holds no EMA weights" in err  # --ema true (the default) could not be honoured: said once
+    code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 2)
+    assert code == 0, err
+    assert json.loads(out)["ema"] is False and json.loads((run / "eval.json").read_text())["ema"] is False
+
+
+def test_a_truncated_eval_samples_cache_is_sampled_again(tiny_run, tmp_path, capsys):
+    run = own_copy(tiny_run, tmp_path)
+    code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 4)
+    assert code == 0, err
+    first = json.loads(out)
+    cache = run / "eval" / os.path.basename(first["samples"])
+    images = np.load(cache)["images"]
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"not an archive", lambda b: b""):
+        cache.write_bytes(damage(cache.read_bytes()))
+        code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 4)
+        assert code == 0, err
+        assert f"cannot reuse {cache}" in err and "sampling it again" in err, err
+        assert "sampling_seconds" in json.loads(out)  # sampled, not reused
+        assert np.array_equal(np.load(cache)["images"], images)  # the same set, rewritten whole
+    code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 4)
+    assert "reusing" in err and "sampling_seconds" not in json.loads(out)
+
+
+# ----------------------------------------------------------------------------------------
+# A read-only destination (defect 10)
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: from now on, writes under ``folder`` fail as on a read-only mount (EROFS), and
+    so do the removals and renames a writer's cleanup tries (the tests run as root: chmod stops nothing)."""
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def install(folder):
+        folder = str(folder)
+        inside = lambda p: isinstance(p, (str, os.PathLike)) and os.path.abspath(p).startswith(folder)  # noqa: E731
+        real_open = builtins.open
+
+        def ro_open(file, mode="r", *args, **kwargs):
+            if inside(file) and any(c in mode for c in "wax+"):
+                refuse(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", ro_open)
+        monkeypatch.setattr(io, "open", ro_open)  # pathlib opens through io.open
+        for name in ("replace", "rename", "unlink", "remove", "mkdir", "link", "rmdir"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, lambda p, *a, _real=real, **k: refuse(p) if inside(p) else _real(p, *a, **k))
+
+    return install
+
+
+@pytest.mark.parametrize("out", ["s.png", "s.npz", "new/s.png"])
+def test_sample_onto_a_read_only_file_system_is_one_line(tiny_run, tmp_path, capsys, read_only, out):
+    (tmp_path / "ro").mkdir()  # the mount point
+    read_only(tmp_path / "ro")
+    code, _, err = call_cli(capsys, "sample", "--run_dir", tiny_run, "--num_images", 2, "--out", tmp_path / "ro" / out)
+    one_error_line(code, err, "Read-only file system")
+
+
+def test_eval_of_a_read_only_run_is_one_line_and_works_with_json_elsewhere(tiny_run, tmp_path, capsys, read_only):
+    run = own_copy(tiny_run, tmp_path)
+    before = snapshot(run)
+    read_only(run)
+    code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 2)
+    one_error_line(code, err, "could not write", "eval.json", "Read-only file system")
+    assert "could not keep the samples" in err  # the cache is a convenience: a warning, and scoring goes on
+    code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 2, "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["num_images"] == 2
+    assert snapshot(run) == before

@@ -136,8 +136,9 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
                                                 autocast_dtype=autocast_dtype(loaded.train_config.precision, device))
     if images is None:
         return None, None, None
-    _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}")
-    result["samples"] = str(path)
+    _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}" if path else
+          f"sampled {num_images} images (not kept)")
+    result["samples"] = str(path) if path else None
     if not reused:
         result["sampling_seconds"] = round(time.perf_counter() - t0, 2)
     return scorer, images, labels

@@ -89,7 +89,6 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path, title: str | No
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, buf.getvalue())
     return out_path
 
