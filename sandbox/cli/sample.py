@@ -70,10 +70,16 @@ def sampling_options(cfg: Namespace, loaded) -> dict:
 
 def load(cfg: Namespace):
     """The run a sampling command names, loaded with its options (``sandbox.run.loading.load_run``)."""
+    import sys
+
     from sandbox.run.loading import load_run
 
-    return load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args, compile=cfg.compile,
-                    fast_paths=cfg.fast_paths)
+    loaded = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args, compile=cfg.compile,
+                      fast_paths=cfg.fast_paths)
+    if cfg.ema and not loaded.ema:  # e.g. an imported checkpoint: say so, the output then reads "raw weights"
+        print(f"note: the checkpoint of {loaded.root} holds no EMA weights; sampling its raw weights",
+              file=sys.stderr)
+    return loaded
 
 
 def parser() -> ArgumentParser:
