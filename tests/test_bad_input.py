@@ -20,6 +20,7 @@ from test_reliability import call_cli, one_error_line, parse, recipe_file
 
 import sandbox
 from sandbox.errors import UserError
+from sandbox.run.monitor import plot_metrics, read_metrics
 from sandbox.run.rundir import RunDir
 from sandbox.run.trainer import train
 
@@ -168,6 +169,91 @@ def test_a_truncated_eval_samples_cache_is_sampled_again(tiny_run, tmp_path, cap
         assert np.array_equal(np.load(cache)["images"], images)  # the same set, rewritten whole
     code, out, err = call_cli(capsys, "eval", "--run_dir", run, "--num_images", 4)
     assert "reusing" in err and "sampling_seconds" not in json.loads(out)
+
+
+# ----------------------------------------------------------------------------------------
+# A damaged metrics.jsonl or recipe.yaml (defect 8)
+# ----------------------------------------------------------------------------------------
+def damage_metrics(path):
+    """Every kind of bad record: step 2's loss null, and after it invalid UTF-8, a torn line in the middle,
+    JSON that is not a record, a step that is not a number."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    step2 = {**json.loads(lines[1]), "loss": None}
+    bad = [b'\xff\xfe{"step": 1, "loss": 0.5}\n', b'{"step": 2, "lo\n', b"[1, 2, 3]\n",
+           b'{"step": "three", "loss": 1.0}\n']
+    path.write_bytes(b"".join([lines[0], json.dumps(step2).encode() + b"\n", *bad, *lines[2:]]))
+    return step2
+
+
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def test_a_damaged_metrics_log_is_repaired_once_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(parse(tmp_path, steps=3, log_every=1), run, progress=False)
+    step2 = damage_metrics(run / "metrics.jsonl")
+    capsys.readouterr()
+    code, out, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path, log_every=1), "--run_dir", run)
+    assert code == 0, err
+    (warning,) = warnings_in(err)
+    assert "metrics.jsonl" in warning and "5 damaged lines (2, 3, 4, 5, 6)" in warning and "repaired" in warning
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the null-loss record keeps its other numbers
+    assert "loss" not in records[1] and records[1]["lr"] == step2["lr"]
+    assert (run / "loss_curve.png").is_file() and "loss curve" in out
+
+
+def test_reading_a_damaged_metrics_log_skips_bad_records_with_one_warning(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(parse(tmp_path, steps=3, log_every=1), run, progress=False)
+    damage_metrics(run / "metrics.jsonl")
+    capsys.readouterr()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    assert plot_metrics(run / "metrics.jsonl", tmp_path / "curve.png") == tmp_path / "curve.png"
+    assert len(warnings_in(capsys.readouterr().err)) == 2  # one per read, none per record
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # a kill mid-write
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+    assert not warnings_in(capsys.readouterr().err)  # a torn last line is expected after a kill: no warning
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00garbage", b"train: [unclosed\n", b"- a list\n", b""],
+                         ids=["not UTF-8", "not YAML", "not a mapping", "empty"])
+def test_a_damaged_recipe_yaml_is_restored_from_the_checkpoint(tmp_path, capsys, damage):
+    """The checkpoint stores the recipe (the copy sample and eval read): a resume checks against it, says so
+    once, and writes recipe.yaml again. Another recipe is still refused."""
+    run = tmp_path / "run"
+    train(parse(tmp_path, steps=3), run, progress=False)
+    good = (run / "recipe.yaml").read_bytes()
+    (run / "recipe.yaml").write_bytes(damage)
+    capsys.readouterr()
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", run,
+                            "--model.encoder_dim", 64, "--model.decoder_dim", 64)
+    one_error_line(code, err, "different recipe", "encoder_dim")
+    (warning,) = warnings_in(err)
+    assert "recipe.yaml" in warning and "checkpoint-last.pt" in warning
+    code, out, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path, steps=3), "--run_dir", run)
+    assert code == 0 and "is complete" in out, err
+    assert len(warnings_in(err)) == 1
+    assert (run / "recipe.yaml").read_bytes() == good  # a complete run: written again from its checkpoint
+    (run / "recipe.yaml").write_bytes(damage)
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", run)  # 6 steps
+    assert code == 0, err
+    assert len(warnings_in(err)) == 1
+    expected = yaml.safe_load(good)
+    expected["train"]["steps"] = 6
+    assert yaml.safe_load((run / "recipe.yaml").read_bytes()) == expected
+    assert RunDir(run).load_latest()["step"] == 6
+
+
+def test_a_damaged_recipe_yaml_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = call_cli(capsys, "train", "--config", recipe_file(tmp_path), "--run_dir", run)
+    one_error_line(code, err, "recipe.yaml", "no readable checkpoint")
+    code, _, err = call_cli(capsys, "train", "--config", run / "recipe.yaml")
+    one_error_line(code, err, "recipe.yaml")
 
 
 # ----------------------------------------------------------------------------------------

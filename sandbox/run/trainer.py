@@ -77,6 +77,8 @@ class Trainer:
     def run(self) -> dict:
         ckpt = self.prepare()
         if ckpt is not None and finished(self.run_dir, ckpt, self.tc.steps):  # nothing to do: leave it as it is
+            if self.main and self.run_dir.recipe_damaged:  # but a damaged recipe.yaml: what was trained
+                self.run_dir.write_recipe(ckpt["recipe"])
             if self.main:
                 print(f"{self.run_dir.root} is complete: step {ckpt['step']} of {self.tc.steps} "
                       f"({self.run_dir.loaded_path.name}); raise --train.steps to train it longer")
@@ -84,6 +86,8 @@ class Trainer:
         self.build()
         if ckpt is not None:
             self.restore(ckpt)
+        elif self.main:  # a run killed before its first checkpoint starts over, and so does its log
+            self.run_dir.truncate_metrics(0)
         if self.main:  # only now: a resume refused above leaves the stored recipe as it was
             self.run_dir.write_recipe(self.recipe)
         self.last_good = self.run_dir.loaded_path  # named when the run stops on non-finite numbers
