@@ -47,16 +47,16 @@ class TrainConfig:
     fast_paths: bool = True  # sandbox.fast: the same model computed faster (docs/performance.md); false: plain PyTorch
 
     def __post_init__(self):  # every value, when the recipe is built: a bad one never starts a run
-        check_at_least(self, "train.", 1, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every")
-        check_at_least(self, "train.", 0, "warmup_steps", "sample_every", "keep_checkpoints", "num_workers",
+        _at_least(self, "train.", 1, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every")
+        _at_least(self, "train.", 0, "warmup_steps", "sample_every", "keep_checkpoints", "num_workers",
                        "max_nonfinite_steps", "min_lr", "weight_decay", "grad_clip")
-        check_positive(self, "train.", "blr", *(("lr",) if self.lr is not None else ()))
+        _positive(self, "train.", "blr", *(("lr",) if self.lr is not None else ()))
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
         betas = tuple(self.betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):  # AdamW's moments decay: 1 never forgets
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):  # beta 1: AdamW divides by 1 - beta^t = 0
             raise ValueError(f"train.betas must be two values in [0, 1), got {list(betas)}")
-        check_choices(self, "train.")
+        _choices(self, "train.")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SampleConfig:
 
     def __post_init__(self):  # checked when the recipe is built: before training, not at its final grid
         check_sampling(dataclasses.asdict(self), "sample.")
-        check_at_least(self, "sample.", 1, "grid_classes", "grid_per_class")
+        _at_least(self, "sample.", 1, "grid_classes", "grid_per_class")
 
 
 def check_sampling(values: dict, prefix: str) -> None:
@@ -92,7 +92,7 @@ def check_sampling(values: dict, prefix: str) -> None:
         raise ValueError(f"{prefix}cfg_schedule must be one of {', '.join(schedules)}, got {values['cfg_schedule']!r}")
 
 
-def check_at_least(config, prefix: str, low: float, *names: str) -> None:
+def _at_least(config, prefix: str, low: float, *names: str) -> None:
     """Each field ``names`` of ``config`` >= ``low`` (a NaN fails too)."""
     for name in names:
         value = getattr(config, name)
@@ -100,7 +100,7 @@ def check_at_least(config, prefix: str, low: float, *names: str) -> None:
             raise ValueError(f"{prefix}{name} must be >= {low}, got {value}")
 
 
-def check_positive(config, prefix: str, *names: str) -> None:
+def _positive(config, prefix: str, *names: str) -> None:
     """Each field ``names`` of ``config`` a finite number > 0."""
     for name in names:
         value = getattr(config, name)
@@ -108,7 +108,7 @@ def check_positive(config, prefix: str, *names: str) -> None:
             raise ValueError(f"{prefix}{name} must be > 0, got {value}")
 
 
-def check_choices(config, prefix: str) -> None:
+def _choices(config, prefix: str) -> None:
     """Each ``Literal`` field of ``config`` holds one of its choices (jsonargparse checks a parsed recipe; this
     also covers a config built in Python)."""
     hints = typing.get_type_hints(type(config))
