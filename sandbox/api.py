@@ -46,7 +46,9 @@ def generate(run, labels=None, *, num_images: int | None = None, seed: int = 0, 
     from sandbox.eval.samples import balanced_labels, generate_many
     from sandbox.run.device import autocast_dtype
 
-    exp, sc = run.exp, run.sample_config
+    exp = run.exp
+    sc = run.sampling({"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
+                       "batch_size": batch_size})  # the recipe's where None, every value checked
     if labels is None:
         if num_images is None:
             raise UserError("generate needs labels or num_images")
@@ -55,11 +57,8 @@ def generate(run, labels=None, *, num_images: int | None = None, seed: int = 0, 
     if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < exp.num_classes):
         raise UserError(f"labels must lie in 0..{exp.num_classes - 1}")
     device = next(run.model.parameters()).device
-    pick = lambda given, default: default if given is None else given  # noqa: E731
-    return generate_many(exp, labels, batch_size=pick(batch_size, sc.batch_size), seed=seed, model=run.model,
-                         num_iter=pick(num_iter, sc.num_iter), cfg=pick(cfg, sc.cfg),
-                         cfg_schedule=pick(cfg_schedule, sc.cfg_schedule),
-                         temperature=pick(temperature, sc.temperature),
+    return generate_many(exp, labels, batch_size=sc.batch_size, seed=seed, model=run.model, num_iter=sc.num_iter,
+                         cfg=sc.cfg, cfg_schedule=sc.cfg_schedule, temperature=sc.temperature,
                          autocast_dtype=autocast_dtype(run.train_config.precision, device))
 
 

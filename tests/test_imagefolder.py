@@ -78,3 +78,23 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path):
     (tmp_path / "empty" / "class").mkdir(parents=True)
     with pytest.raises(UserError, match="no images"):
         ImageFolderDataset(str(tmp_path / "empty"))
+
+
+def test_symlink_loops_are_followed_once(folder):
+    """A link back to its own class folder (one loop) listed each image 41 times (os.walk follows it until the
+    kernel's 40-link limit); a second one made the walk exponential (a hang). Each real directory of a class is
+    walked once; a link to a directory elsewhere (a second disk) is still followed."""
+    def listed():
+        return [p.split("/")[-2:] for p in ImageFolderDataset(str(folder), image_size=16).paths.tolist()]
+
+    expected = listed()
+    (folder / "n01" / "loop").symlink_to(folder / "n01")
+    assert listed() == expected
+    (folder / "n01" / "sub").mkdir()
+    (folder / "n01" / "sub" / "back").symlink_to(folder / "n01")
+    assert listed() == expected
+    elsewhere = folder.parent / f"{folder.name}-elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(elsewhere / "far.png")
+    (folder / "n03" / "disk2").symlink_to(elsewhere)
+    assert listed() == expected + [["disk2", "far.png"]]

@@ -115,6 +115,24 @@ def test_plugin_file_given_with_flag_trains_is_listed_and_reloads(cli, tmp_path)
     assert (tmp_path / "s.npz").is_file()
 
 
+
+@pytest.mark.parametrize("where,name", [("with space/é/플러그인/머리.py", "AccentHead"),
+                                        ("emoji 😀/🚀/head_😀.py", "EmojiHead")], ids=["accents and Hangul", "emoji"])
+def test_plugin_paths_outside_ascii(cli, tmp_path, where, name):
+    """Characters outside the BMP (an emoji) reached the parser as JSON surrogate pairs (\\ud83d\\ude00) that
+    YAML cannot read back: every command failed with "plugins: Expected a list"."""
+    plugin = write_head(tmp_path / where, name)
+    run = tmp_path / "run"
+    printed = cli("--plugin", plugin, "train", "--config", tiny(tmp_path), "--head", name, "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["plugins"] == [str(plugin.resolve())]
+    proc = cli("--plugin", plugin, "train", "--config", tiny(tmp_path), "--head", name, "--run_dir", run,
+               "--train.steps", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["plugins"] == [str(plugin.resolve())]
+    proc = cli("--plugin", plugin, "sample", "--run_dir", run, "--num_images", 2, "--out", tmp_path / "s.npz")
+    assert proc.returncode == 0, proc.stderr
+
 def test_recipe_lists_plugins_relative_to_itself(cli, tmp_path, monkeypatch):
     write_head(tmp_path / "recipes" / "heads" / "rel_head.py", "RelHead")
     recipe = tmp_path / "recipes" / "rel.yaml"

@@ -2,7 +2,8 @@
 
 Classes are the sorted sub-folder names and files are listed as torchvision's
 ``ImageFolder`` lists them (the official MAR loader), so labels and order match
-the official code's. Each image is resized and center-cropped to
+the official code's; symbolic links are followed, each real directory once (a
+link back up the tree would repeat a class's images or never end). Each image is resized and center-cropped to
 ``image_size`` as ADM does (box-halve while the short side is >= 2x the size,
 then bicubic, then crop); the flip happens batch-wise in ``augment`` with the
 trainer's generator. Every colour mode becomes 8-bit RGB (16-bit greyscale
@@ -69,12 +70,32 @@ def list_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     paths, labels = [], []
     for label, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+        for dirpath, files in sorted(_walk_once(root / name)):
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(label)
     return classes, paths, labels
+
+
+def _walk_once(top: Path) -> list[tuple[str, list[str]]]:
+    """(directory, file names) of every directory under ``top``, following symbolic links as torchvision's
+    ``os.walk(followlinks=True)`` does, but each real directory (device, inode) once: a link back to a folder
+    above it would otherwise repeat the images until the 40-link limit (one loop), or never end (two)."""
+    seen, out = set(), []
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:  # gone or unreadable meanwhile: nothing to list
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []  # walked already under another name: do not descend again
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # a sorted walk: which name of a directory reached twice is kept does not depend on the disk
+        out.append((dirpath, files))
+    return out
 
 
 def write_example_folder(root: str | Path, num_classes: int = 2, per_class: int = 2, corrupt: bool = True) -> Path:

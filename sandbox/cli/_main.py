@@ -55,7 +55,10 @@ def _resolved_recipe_args(argv: list[str], parser: ArgumentParser, files: list[P
     command = next((a for a in argv if a in names), None)
     if command is None or not any("--plugins" in a.option_strings for a in names[command]._actions):
         return argv
-    resolved = ["--base=null"] + (["--plugins=" + json.dumps([str(f) for f in files])] if files else [])
+    # the list reaches the parser as YAML, which reads no JSON surrogate pairs (\ud83d\ude00): keep every
+    # character as it is, or a plugin path with an emoji breaks the command
+    plugins = json.dumps([str(f) for f in files], ensure_ascii=False)
+    resolved = ["--base=null"] + ([f"--plugins={plugins}"] if files else [])
     # --print_config prints what came before it
     at = next((i for i, a in enumerate(argv) if a.startswith("--print_config")), len(argv))
     return argv[:at] + resolved + argv[at:]

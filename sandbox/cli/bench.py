@@ -272,6 +272,7 @@ def _recipe_parts(cfg: Namespace, device):
 def run(cfg: Namespace) -> None:
     import torch
 
+    from sandbox.config.schema import check_sampling
     from sandbox.run.device import resolve_device
 
     if (cfg.recipe is None) == (cfg.official_config is None):
@@ -279,6 +280,10 @@ def run(cfg: Namespace) -> None:
     for name in ("batch_size", "steps", "warmup", "sample_batch_size", "sample_batches", "profile_steps"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0")
+    try:  # before the model is built; 0 is an error, not "the recipe's"
+        check_sampling({name: cfg[name] for name in ("num_iter", "cfg", "temperature") if cfg[name] is not None}, "--")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     device = resolve_device(cfg.device)
     build_parts = _official_parts if cfg.official_config else _recipe_parts
     model, ordering, token_dim, num_classes, info, precision, diffusion_steps, recipe_cfgs = build_parts(cfg, device)
@@ -328,10 +333,12 @@ def _settings(cfg: Namespace, sc, tc, precision: str, device) -> dict:
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     use_compile = cfg.compile if cfg.compile is not None else bool(tc and tc.compile)
+    given = {name: cfg[name] for name in ("num_iter", "cfg", "temperature") if cfg[name] is not None}
+    # the recipe's sample: settings, else the official defaults (num_iter 64, no guidance, linear schedule)
+    sampling = {**({"num_iter": 64, "cfg": 1.0, "temperature": 1.0} if sc is None else
+                   {"num_iter": sc.num_iter, "cfg": sc.cfg, "temperature": sc.temperature}), **given}
     return {
-        "num_iter": cfg.num_iter or (sc.num_iter if sc else 64),
-        "cfg": cfg.cfg if cfg.cfg is not None else (sc.cfg if sc else 1.0),
-        "temperature": cfg.temperature if cfg.temperature is not None else (sc.temperature if sc else 1.0),
+        **sampling,
         "cfg_schedule": sc.cfg_schedule if sc else "linear",  # the official fixtures' runs: linear
         "precision": precision, "amp_dtype": autocast_dtype(precision, device),
         "compile": use_compile,

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, Namespace
 
-from sandbox.cli.sample import add_sampling_arguments
+from sandbox.cli.sample import add_sampling_arguments, check_sampling_arguments
 from sandbox.errors import UserError
 
 NAME = "eval"
@@ -70,6 +70,9 @@ def _run(cfg: Namespace) -> None:
     if cfg.labels:
         raise UserError("eval sets are class-balanced (image i has class i % K); --labels is for `sandbox sample`")
     num_images = _num_images(cfg)
+    check_sampling_arguments(cfg)
+    if cfg.fidelity_batch_size < 1:
+        raise UserError(f"--fidelity_batch_size must be >= 1, got {cfg.fidelity_batch_size}")
     inception = cfg.inception if cfg.inception is not None else cfg.ref is not None
     if cfg.run_dir is None and not inception:
         raise UserError("nothing to score without a run: pass --ref REF (FID, IS, precision/recall) or --inception true (IS)")
@@ -117,7 +120,7 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
         result["head_args"] = cfg.head_args
     if not sample:
         return scorer, None, None
-    opts = sampling_options(cfg, loaded.sample_config)
+    opts = sampling_options(cfg, loaded)
     settings = {"num_images": num_images, "seed": cfg.seed, "chunk_size": opts["batch_size"],
                 "num_iter": opts["num_iter"], "cfg": float(opts["cfg"]), "cfg_schedule": opts["cfg_schedule"],
                 "temperature": float(opts["temperature"]), "step": loaded.step, "ema": loaded.ema}
@@ -133,8 +136,9 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
                                                 autocast_dtype=autocast_dtype(loaded.train_config.precision, device))
     if images is None:
         return None, None, None
-    _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}")
-    result["samples"] = str(path)
+    _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}" if path else
+          f"sampled {num_images} images (not kept)")
+    result["samples"] = str(path) if path else None
     if not reused:
         result["sampling_seconds"] = round(time.perf_counter() - t0, 2)
     return scorer, images, labels

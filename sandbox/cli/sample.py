@@ -45,25 +45,41 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> 
     p.add_argument("--progress", type=bool, default=True, help="Show a progress bar.")
 
 
-def sampling_options(cfg: Namespace, sc) -> dict:
-    """The sampling settings of a command (``add_sampling_arguments``) over the recipe's defaults ``sc``
-    (``SampleConfig``): num_iter, cfg, cfg_schedule, temperature and batch_size, each checked."""
-    pick = lambda name: getattr(sc, name) if cfg.get(name) is None else cfg.get(name)  # noqa: E731
-    out = {name: pick(name) for name in ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size")}
-    for name in ("num_iter", "batch_size"):
-        if out[name] < 1:
-            raise UserError(f"--{name} must be >= 1, got {out[name]}")
-    if out["temperature"] <= 0:
-        raise UserError(f"--temperature must be > 0, got {out['temperature']}")
-    return out
+SAMPLING = ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size")  # options over the recipe's sample:
+
+
+def check_sampling_arguments(cfg: Namespace) -> None:
+    """The options of a sampling command checked before the run is loaded, so a bad one costs nothing and
+    writes nothing (a value of 0 is an error, never "the recipe's")."""
+    from sandbox.config.schema import check_sampling
+    from sandbox.run.device import resolve_device
+
+    try:
+        check_sampling({name: cfg.get(name) for name in SAMPLING if cfg.get(name) is not None}, "--")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    resolve_device(cfg.device)
+
+
+def sampling_options(cfg: Namespace, loaded) -> dict:
+    """The sampling settings of a command (``add_sampling_arguments``) over the recipe's defaults of the
+    loaded run: num_iter, cfg, cfg_schedule, temperature and batch_size, each checked."""
+    sc = loaded.sampling({name: cfg.get(name) for name in SAMPLING}, prefix="--")
+    return {name: getattr(sc, name) for name in SAMPLING}
 
 
 def load(cfg: Namespace):
     """The run a sampling command names, loaded with its options (``sandbox.run.loading.load_run``)."""
+    import sys
+
     from sandbox.run.loading import load_run
 
-    return load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args, compile=cfg.compile,
-                    fast_paths=cfg.fast_paths)
+    loaded = load_run(cfg.run_dir, use_ema=cfg.ema, device=cfg.device, head_args=cfg.head_args, compile=cfg.compile,
+                      fast_paths=cfg.fast_paths)
+    if cfg.ema and not loaded.ema:  # e.g. an imported checkpoint: say so, the output then reads "raw weights"
+        print(f"note: the checkpoint of {loaded.root} holds no EMA weights; sampling its raw weights",
+              file=sys.stderr)
+    return loaded
 
 
 def parser() -> ArgumentParser:
@@ -97,10 +113,11 @@ def _sample_from_run(cfg: Namespace, on_step=None):
     from sandbox.run.device import autocast_dtype
 
     if cfg.num_images < 1:
-        raise UserError("--num_images must be >= 1")
+        raise UserError(f"--num_images must be >= 1, got {cfg.num_images}")
+    check_sampling_arguments(cfg)
     loaded = load(cfg)
     exp, model = loaded.exp, loaded.model
-    opts = sampling_options(cfg, loaded.sample_config)
+    opts = sampling_options(cfg, loaded)
     if cfg.labels:
         bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
         if bad:

@@ -53,14 +53,27 @@ def _as_list(value, where: str) -> list[str]:
 
 
 def _read_recipe(path: Path) -> dict:
-    """A recipe file's top level, or {} when it does not read as a mapping (the parser then reports it)."""
+    """A recipe file's top level ({} for an empty or unreadable one: the parser reports it); a file that is not
+    UTF-8 YAML or not a mapping is one error line naming it."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"recipe {path} does not read as YAML ({' '.join(str(e).split())}){_run_hint(path)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"recipe {path} holds a {type(data).__name__}, not recipe keys{_run_hint(path)}")
+    return data or {}
+
+
+def _run_hint(path: Path) -> str:
+    """For the recipe.yaml of a run directory: the checkpoints keep the recipe too."""
+    if path.name != "recipe.yaml" or not (path.parent / "checkpoints").is_dir():
+        return ""
+    return (f"; the checkpoints of run directory {path.parent} hold its recipe: resume it with your recipe file, "
+            f"`sandbox train --config RECIPE --run_dir {path.parent}`, which writes recipe.yaml again")
 
 
 def _recipe_plugins(path: Path) -> list[PluginFile]:

@@ -167,6 +167,9 @@ _UNRESOLVED = re.compile(r'Parser key "(data|tokenizer|ordering|condition|backbo
                          r'string: (\S+)')
 _SLOT_KIND = {"data": "dataset", "tokenizer": "tokenizer", "ordering": "ordering", "condition": "condition",
               "backbone": "backbone", "head": "head"}
+# and for a value outside a Literal's choices (Optional ones list every subtype's error first)
+_NOT_A_CHOICE = re.compile(r'Parser key "([^"]+)":.*?Expected a typing\.Literal\[([^\]]*)\].*(?:Got|Given) value: (.*)',
+                           re.S)
 
 
 def one_line(e: BaseException) -> str:
@@ -178,6 +181,12 @@ def one_line(e: BaseException) -> str:
         from sandbox.config.registry import unknown_plugin
 
         return unknown_plugin(_SLOT_KIND[unresolved.group(1)], unresolved.group(2))
+    choice = _NOT_A_CHOICE.search(msg)
+    if choice:
+        key, choices, value = choice.groups()
+        key = key if "." in key else f"--{key}"  # a recipe key (train.precision) or a command's own option
+        choices = ", ".join(c.strip(" '\"") for c in choices.split(","))
+        return f"{key} must be one of {choices}, got {value.strip()}"
     msg = re.sub(r"Got value: .*", "", msg, flags=re.S)
     msg = " ".join(msg.split())
     return msg.rstrip(" .:")
@@ -210,6 +219,14 @@ def instantiate(cfg: Namespace, key: str, *injected, **injected_kw):
         if what is not None:
             raise UserError(f"cannot build {what}: {one_line(e)}") from e
         raise UserError(f"invalid {key} settings: {one_line(e)}") from e
+
+
+def check_values(cfg: Namespace) -> None:
+    """Build the ``model``, ``train`` and ``sample`` settings once, so every value is checked (their
+    ``__post_init__``) before a run starts: a value only sampling reads (``sample.num_iter: 0``) would otherwise
+    let a whole run train and then fail at its final grid, and again on every rerun."""
+    for key in ("model", "train", "sample"):
+        instantiate(cfg, key)
 
 
 def slot_classes(cfg: Namespace) -> dict[str, type]:

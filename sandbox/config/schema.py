@@ -2,6 +2,9 @@
 every field documents its default (jsonargparse checks a recipe against them at parse time)."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -45,15 +48,17 @@ class TrainConfig:
     tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (needs the [tensorboard] extra)
     fast_paths: bool = True  # sandbox.fast: the same model computed faster (docs/performance.md); false: plain PyTorch
 
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "keep_checkpoints", "num_workers", "max_nonfinite_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+    def __post_init__(self):  # every value, when the recipe is built: a bad one never starts a run
+        _at_least(self, "train.", 1, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every")
+        _at_least(self, "train.", 0, "warmup_steps", "sample_every", "keep_checkpoints", "num_workers",
+                       "max_nonfinite_steps", "min_lr", "weight_decay", "grad_clip")
+        _positive(self, "train.", "blr", *(("lr",) if self.lr is not None else ()))
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):  # beta 1: AdamW divides by 1 - beta^t = 0
+            raise ValueError(f"train.betas must be two values in [0, 1), got {list(betas)}")
+        _choices(self, "train.")
 
 
 @dataclass
@@ -68,6 +73,54 @@ class SampleConfig:
     batch_size: int = 64  # images per sampling batch
     grid_classes: int = 10  # rows of a training sample grid (one class per row)
     grid_per_class: int = 8  # columns of a training sample grid
+
+    def __post_init__(self):  # checked when the recipe is built: before training, not at its final grid
+        check_sampling(dataclasses.asdict(self), "sample.")
+        _at_least(self, "sample.", 1, "grid_classes", "grid_per_class")
+
+
+def check_sampling(values: dict, prefix: str) -> None:
+    """The sampling settings among ``values`` (num_iter, batch_size, temperature, cfg, cfg_schedule), named
+    ``prefix + name`` in the error: a recipe's ``sample:`` and the options of the commands that sample."""
+    for name in ("num_iter", "batch_size"):
+        if name in values and not values[name] >= 1:
+            raise ValueError(f"{prefix}{name} must be >= 1, got {values[name]}")
+    if "temperature" in values and not (values["temperature"] > 0 and math.isfinite(values["temperature"])):
+        raise ValueError(f"{prefix}temperature must be > 0, got {values['temperature']}")
+    if "cfg" in values and not math.isfinite(values["cfg"]):  # any finite scale: < 1 leans away from the class
+        raise ValueError(f"{prefix}cfg must be a finite number, got {values['cfg']}")
+    schedules = typing.get_args(typing.get_type_hints(SampleConfig)["cfg_schedule"])
+    if "cfg_schedule" in values and values["cfg_schedule"] not in schedules:
+        raise ValueError(f"{prefix}cfg_schedule must be one of {', '.join(schedules)}, got {values['cfg_schedule']!r}")
+
+
+def _at_least(config, prefix: str, low: float, *names: str) -> None:
+    """Each field ``names`` of ``config`` >= ``low`` (a NaN fails too)."""
+    for name in names:
+        value = getattr(config, name)
+        if not (value >= low and math.isfinite(value)):
+            raise ValueError(f"{prefix}{name} must be >= {low}, got {value}")
+
+
+def _positive(config, prefix: str, *names: str) -> None:
+    """Each field ``names`` of ``config`` a finite number > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{prefix}{name} must be > 0, got {value}")
+
+
+def _choices(config, prefix: str) -> None:
+    """Each ``Literal`` field of ``config`` holds one of its choices (jsonargparse checks a parsed recipe; this
+    also covers a config built in Python)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint = hints[f.name]
+        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)  # Optional[...]
+        choices = [c for t in options if typing.get_origin(t) is Literal for c in typing.get_args(t)]
+        value = getattr(config, f.name)
+        if choices and value not in choices and not (value is None and type(None) in options):
+            raise ValueError(f"{prefix}{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 # the recipe's slots: plugin slots name a subclass; what depends on other parts is passed in by the core, so it

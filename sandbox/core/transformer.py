@@ -19,6 +19,7 @@ References:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -60,10 +61,20 @@ class MARConfig:
             dim, heads = getattr(self, f"{part}_dim"), getattr(self, f"{part}_heads")
             if heads < 1 or dim < 1 or dim % heads:
                 raise ValueError(f"model.{part}_dim ({dim}) must be a positive multiple of model.{part}_heads ({heads})")
+        # the class enters through the buffer alone: without one, the first sampling step sees no token at all
+        for name in ("encoder_depth", "decoder_depth", "head_batch_mul", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.label_drop_prob <= 1.0:
             raise ValueError(f"model.label_drop_prob must be in [0, 1], got {self.label_drop_prob}")
-        if self.head_batch_mul < 1 or self.buffer_size < 0:
-            raise ValueError("model.head_batch_mul must be >= 1 and model.buffer_size >= 0")
+        for name in ("attn_dropout", "proj_dropout"):  # a rate of 1 drops everything
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("mlp_ratio", "norm_eps"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"model.attention must be sdpa or xformers, got {self.attention!r}")
 
 
 class MARBackbone(Backbone):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sandbox.core.sampling import generate
+from sandbox.errors import UserError
 from sandbox.images.io import read_image_set, save_npz, to_uint8
 
 
@@ -135,16 +137,16 @@ def eval_set_path(run_root: Path, settings: dict) -> Path:
 
 
 def eval_samples(exp, model, settings: dict, run_root: Path, progress: bool = False,
-                 autocast_dtype=None) -> tuple[np.ndarray, np.ndarray, Path, bool]:
+                 autocast_dtype=None) -> tuple[np.ndarray, np.ndarray, Path | None, bool]:
     """The evaluation set fixed by ``settings`` (num_images, seed, chunk_size, num_iter, cfg, cfg_schedule,
     temperature, step, ema): read from the run directory when it is there, else generated and written.
-    Returns (images, labels, path, reused); under several ranks, every rank must call it and only rank 0
-    gets the images (the others get ``(None, None, path, False)``)."""
+    Returns (images, labels, path, reused), path None when the set could not be written (a read-only run
+    directory: a warning); under several ranks, every rank must call it and only rank 0 gets the images (the
+    others get ``(None, None, path, False)``)."""
     path = eval_set_path(run_root, settings)
-    if path.is_file():
-        found = read_image_set(path)
-        if found.meta == settings and found.count == settings["num_images"]:
-            return found.read_all(), found.labels, path, True
+    cached = _cached_eval_set(path, settings)
+    if cached is not None:
+        return (*cached, path, True)
     from sandbox.run import distributed
 
     n, cs, me = settings["num_images"], settings["chunk_size"], distributed.info()
@@ -165,5 +167,24 @@ def eval_samples(exp, model, settings: dict, run_root: Path, progress: bool = Fa
         labels = np.arange(n, dtype=np.int64) % exp.num_classes  # class-balanced by index, as generated
     else:
         images, labels = part
-    save_npz(images, labels, path, meta=settings)
+    try:
+        save_npz(images, labels, path, meta=settings)
+    except UserError as e:  # a read-only run directory: the set is scored all the same, just not kept
+        print(f"warning: could not keep the samples for the next eval ({e})", file=sys.stderr)
+        return images, labels, None, False
     return images, labels, path, False
+
+
+def _cached_eval_set(path: Path, settings: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images, labels) of the set kept at ``path`` when it holds exactly ``settings``' images; a damaged
+    file (a copy or an eval killed outside the atomic write, a full disk) is sampled again, with a note."""
+    if not path.is_file():
+        return None
+    try:
+        found = read_image_set(path)
+        if found.meta != settings or found.count != settings["num_images"]:
+            return None
+        return found.read_all(), found.labels
+    except (UserError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        print(f"note: cannot reuse {path} ({e}); sampling it again", file=sys.stderr)
+        return None

@@ -69,7 +69,6 @@ def default_upscale(image_size: int) -> int:
 def save_png(array: np.ndarray, path: str | Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -92,5 +91,4 @@ def save_gif(frames: list[np.ndarray], path: str | Path, frame_ms: int = 150, ho
     durations = [frame_ms] * (len(images) - 1) + [hold_last_ms]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(path), buf.getvalue())

@@ -8,7 +8,6 @@ evaluation suite uses -- optionally with ``labels`` (N,) and, for reference sets
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from sandbox.errors import UserError
+from sandbox.run.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -41,22 +41,6 @@ def from_uint8(images: np.ndarray) -> Tensor:
 # --------------------------------------------------------------------------------------
 # .npz image sets
 # --------------------------------------------------------------------------------------
-def _atomic_file_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, rename: never a torn file, and no
-    in-memory copy of a large archive (50k ImageNet samples are ~10 GB)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {e.strerror or e}; the previous file is intact") from e
-
-
 def save_npz(images: Tensor | np.ndarray, labels: Tensor | np.ndarray, path: str | Path,
              meta: dict | None = None) -> None:
     """``images`` (N,H,W,3) uint8 and ``labels`` (N,) int64 (+ ``meta``, a JSON string, when given).
@@ -66,7 +50,8 @@ def save_npz(images: Tensor | np.ndarray, labels: Tensor | np.ndarray, path: str
     arr = images if isinstance(images, np.ndarray) else to_uint8(images)
     lab = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels).astype(np.int64)
     extra = {"meta": np.array(json.dumps(meta))} if meta is not None else {}
-    _atomic_file_write(Path(path), lambda f: np.savez(f, images=arr, labels=lab, **extra))
+    # streamed into the file, never copied in memory first: 50k ImageNet samples are ~10 GB
+    atomic_write_bytes(Path(path), lambda f: np.savez(f, images=arr, labels=lab, **extra))
 
 
 def _npz_members(path: Path) -> list[str]:

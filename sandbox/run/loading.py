@@ -11,7 +11,7 @@ from torch import nn
 from sandbox import fast
 from sandbox.config.build import Experiment, build
 from sandbox.config.recipe import instantiate, one_line, parse_recipe, recipe_parser
-from sandbox.config.schema import SampleConfig, TrainConfig
+from sandbox.config.schema import SampleConfig, TrainConfig, check_sampling
 from sandbox.errors import UserError
 from sandbox.fast.attention import xformers_available
 from sandbox.run import distributed
@@ -38,7 +38,21 @@ class LoadedRun:
     @property
     def sample_config(self) -> SampleConfig:
         """The recipe's sampling defaults (``sample:``)."""
-        return instantiate(self.exp.cfg, "sample")
+        return self.sampling()
+
+    def sampling(self, given: dict | None = None, prefix: str = "") -> SampleConfig:
+        """The recipe's sampling defaults with the ``given`` values that are not None over them, every value
+        checked; a bad given value is named ``prefix + name`` (``--num_iter``). A stored value that is out of
+        range (a run older than the check) can be overridden this way."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        try:
+            check_sampling(given, prefix)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        try:
+            return SampleConfig(**{**self.exp.cfg.sample.as_dict(), **given})
+        except ValueError as e:  # only a stored value can be wrong now
+            raise UserError(f"{e} in the recipe of {self.root}; give a value for it") from None
 
     @property
     def train_config(self) -> TrainConfig:

@@ -8,29 +8,30 @@ any work starts.
 from __future__ import annotations
 
 import io
-import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from sandbox.errors import UserError
 from sandbox.run.files import atomic_write_bytes
+from sandbox.run.rundir import damaged_lines, load_metrics
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    records = []
+    """The records of a metrics.jsonl (``sandbox.run.rundir.load_metrics``): a torn last line (a run killed
+    mid-write) is skipped, damaged records are skipped or stripped of what is not a number, with one warning."""
     path = Path(path)
     if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
+        return []
+    try:
+        records, damaged, _ = load_metrics(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+    if damaged:
+        print(f"warning: {path}: {damaged_lines(damaged)} skipped or stripped of values that are not numbers",
+              file=sys.stderr, flush=True)
     return records
 
 
@@ -89,7 +90,6 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path, title: str | No
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, buf.getvalue())
     return out_path
 

@@ -65,6 +65,7 @@ class RunDir:
         # the newest checkpoint known good: verified against its checksum by ``load_latest``, or written by ``save``
         # (None: none yet, or only one written before checksums); the non-finite guard names only this one
         self.verified: Path | None = None
+        self.recipe_damaged = False  # ``read_recipe`` found recipe.yaml damaged and used a checkpoint's recipe
 
     @property
     def recipe_path(self) -> Path:
@@ -148,10 +149,40 @@ class RunDir:
         return total
 
     def read_recipe(self) -> dict:
+        """recipe.yaml. A damaged one (not UTF-8, not YAML, not a mapping) is stood in for by the recipe the newest
+        readable checkpoint stores, with one warning: that copy is the one ``sample`` and ``eval`` load, so the
+        run is judged by what it trained, and a resumed ``train`` writes recipe.yaml from it again. Without such
+        a checkpoint there is nothing to go by: one error line."""
         try:
-            return yaml.safe_load(self.recipe_path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read {self.recipe_path}: {e}") from e
+            recipe = yaml.safe_load(self.recipe_path.read_bytes().decode("utf-8"))
+            damage = None if isinstance(recipe, dict) else f"it holds {type(recipe).__name__}, not a recipe"
+        except OSError as e:
+            raise UserError(f"cannot read {self.recipe_path}: {e.strerror or e}") from e
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            damage = " ".join(str(e).split())
+        if damage is None:
+            return recipe
+        stored, source = self._checkpoint_recipe()
+        if stored is None:
+            raise UserError(f"{self.recipe_path} is damaged ({damage}) and no readable checkpoint holds the run's "
+                            "recipe: restore the file, or delete it to start this run directory afresh")
+        _warn(f"{self.recipe_path} is damaged ({damage}); using the recipe stored in {source.name}")
+        self.recipe_damaged = True
+        return stored
+
+    def _checkpoint_recipe(self) -> tuple[dict | None, Path | None]:
+        """(the recipe, the checkpoint) of the newest checkpoint that reads and stores one; memory-mapped, so a
+        multi-GB checkpoint costs milliseconds."""
+        for path in ([self.last] if self.last.is_file() else []) + self.checkpoints():
+            try:
+                ckpt = load_checkpoint(path, mmap=True)
+            except UnsafeCheckpointError:
+                raise
+            except UserError:
+                continue
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("recipe"), dict):
+                return ckpt["recipe"], path
+        return None, None
 
     def write_recipe(self, recipe: dict) -> None:
         atomic_write_bytes(self.recipe_path, yaml.safe_dump(recipe, sort_keys=False).encode())
@@ -240,22 +271,64 @@ class RunDir:
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop records logged after ``step`` (the killed run's steps that will be redone)
-        and a torn last line, so the log reads as one uninterrupted run."""
+        and a torn last line, so the log reads as one uninterrupted run; repair damaged records (one warning)."""
         if not self.metrics_path.is_file():
             return
-        kept, changed = [], False
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                changed = True
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
-                changed = True
-                continue
-            kept.append(line)
-        if changed:
-            atomic_write_bytes(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+        try:
+            records, damaged, unterminated = load_metrics(self.metrics_path)
+        except OSError as e:
+            raise UserError(f"cannot read {self.metrics_path}: {e.strerror or e}") from e
+        kept = [r for r in records if r["step"] <= step]
+        if damaged:
+            _warn(f"{self.metrics_path}: {damaged_lines(damaged)} repaired (a record that is not UTF-8 or JSON or "
+                  "has no step is dropped, a value that is not a number removed)")
+        if damaged or unterminated or len(kept) < len(records):  # rewritten whole, each line ended
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def load_metrics(path: Path) -> tuple[list[dict], list[int], bool]:
+    """(records, numbers of the damaged lines, whether the file lacks its final newline) of a metrics.jsonl.
+
+    A record is a JSON object with an integer ``step``; its other values are numbers (NaN included). A line
+    that is not UTF-8, not JSON or has no step is dropped and a value that is not a number (``"loss": null``)
+    removed: both count as damaged. A last line without its newline is a write cut short by a kill (expected
+    after a SIGKILL, so not damage): kept if it still reads as a record, else dropped."""
+    *lines, last = path.read_bytes().split(b"\n")
+    records, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        record, clean = _metrics_record(line)
+        if record is not None:
+            records.append(record)
+        if not clean:
+            damaged.append(number)
+    record, clean = _metrics_record(last)
+    if record is not None and clean:
+        records.append(record)
+    return records, damaged, bool(last.strip())
+
+
+def _metrics_record(line: bytes) -> tuple[dict | None, bool]:
+    """(the record of one metrics.jsonl line or None, whether the line was clean); a blank line is clean."""
+    if not line.strip():
+        return None, True
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # not UTF-8 (UnicodeDecodeError), not JSON (JSONDecodeError)
+        return None, False
+    if not isinstance(record, dict) or not _is_number(record.get("step"), integer=True):
+        return None, False
+    numbers = {k: v for k, v in record.items() if _is_number(v)}
+    return numbers, len(numbers) == len(record)
+
+
+def _is_number(value, integer: bool = False) -> bool:
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
+def damaged_lines(numbers: list[int]) -> str:
+    """'3 damaged lines (2, 5, 9)', at most ten numbers."""
+    shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+    return f"{len(numbers)} damaged line{'s' if len(numbers) > 1 else ''} ({shown})"
 
 
 def _alive(pid: int) -> bool:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sandbox import __version__, fast
 from sandbox.config.build import build
-from sandbox.config.recipe import instantiate, recipe_dict, slot_classes
+from sandbox.config.recipe import check_values, instantiate, recipe_dict, slot_classes
 from sandbox.config.schema import TrainConfig
 from sandbox.core.model import upgrade_key
 from sandbox.core.training import StepResult, train_step, training_loss
@@ -80,6 +80,7 @@ class Trainer:
         self.main = self.dist.is_main
         self.run_dir = RunDir(run_dir)
         self.recipe = recipe_dict(cfg)
+        check_values(cfg)  # every value, before the run directory is touched
         self.tc: TrainConfig = instantiate(cfg, "train")
         self.step, self.tb, self.last = 0, None, {}
 
@@ -87,6 +88,8 @@ class Trainer:
     def run(self) -> dict:
         ckpt = self.prepare()
         if ckpt is not None and finished(self.run_dir, ckpt, self.tc.steps):  # nothing to do: leave it as it is
+            if self.main and self.run_dir.recipe_damaged:  # but a damaged recipe.yaml: what was trained
+                self.run_dir.write_recipe(ckpt["recipe"])
             if self.main:
                 print(f"{self.run_dir.root} is complete: step {ckpt['step']} of {self.tc.steps} "
                       f"({self.run_dir.loaded_path.name}); raise --train.steps to train it longer")
@@ -94,6 +97,8 @@ class Trainer:
         self.build()
         if ckpt is not None:
             self.restore(ckpt)
+        elif self.main:  # a run killed before its first checkpoint starts over, and so does its log
+            self.run_dir.truncate_metrics(0)
         if self.main:  # only now: a resume refused above leaves the stored recipe as it was
             self.run_dir.write_recipe(self.recipe)
         self.last_good = self.run_dir.verified  # named when the run stops on non-finite numbers: checked ones only
