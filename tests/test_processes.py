@@ -96,3 +96,88 @@ def test_train_tokenizer_with_loader_workers_exits_after_done(tmp_path):
         proc = sandbox_process("train-tokenizer", "--config", tmp_path / "tok.yaml", "--run_dir", tmp_path / f"r{attempt}")
         out, err = finish(proc)
         assert proc.returncode == 0 and out.startswith("done: 3 steps"), err[-2000:]
+
+
+# ----------------------------------------------------------------------------------------
+# One writer per run directory (issue 18, defect 3)
+# ----------------------------------------------------------------------------------------
+LOCKED = re.compile(r"error: run directory (\S+) is in use by pid (\d+) on host \S+ \((.*)\); wait for it to end, "
+                    r"stop it, or use another --run_dir")
+
+
+def first_to_exit(procs: list[subprocess.Popen], timeout: float = HANG) -> subprocess.Popen:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                return p
+        time.sleep(0.05)
+    for p in procs:
+        p.kill()
+    pytest.fail(f"both writers still running after {timeout} s: nothing stopped the second one")
+
+
+@pytest.mark.parametrize("recipes", ["same", "different"])
+def test_a_second_writer_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, recipes):
+    """Two trainings started together on one run directory: one runs, the other exits 2 with one line naming
+    the holder -- also when their recipes differ, where both used to pass the recipe check (the directory held
+    no recipe yet). The holder, SIGKILLed with its loader workers still alive, leaves a lock that blocks
+    nothing: the kernel drops it with the process."""
+    run = tmp_path / "run"
+    configs = [recipe(tmp_path, "a"), recipe(tmp_path, "b", lr=2e-3) if recipes == "different" else recipe(tmp_path, "a")]
+    long = ["--train.steps", 100_000, "--train.ckpt_every", 1_000_000, "--train.num_workers", 2]
+    procs = [sandbox_process("train", "--config", c, "--run_dir", run, *long) for c in configs]
+    refused = first_to_exit(procs)
+    holder = procs[1 - procs.index(refused)]
+    _, err = refused.communicate()
+    assert refused.returncode == 2 and len(error_lines(err)) == 1, err[-2000:]
+    match = LOCKED.fullmatch(err.strip())
+    assert match and int(match[2]) == holder.pid and "sandbox train --config" in match[3], err
+    assert holder.poll() is None  # it runs on
+
+    holder.kill()
+    holder.communicate()
+    rerun = sandbox_process("train", "--config", configs[procs.index(holder)], "--run_dir", run, "--train.steps", 2)
+    out, err = finish(rerun)
+    assert rerun.returncode == 0 and out.startswith("done: 2 steps"), err[-2000:]
+    assert not (run / ".lock").exists()  # an ended run leaves no lock file
+
+
+def test_train_tokenizer_and_cache_take_the_lock_too(tmp_path, sandbox_cli):
+    """In-process: this process holds the lock; each writing command is refused with one line naming it."""
+    from sandbox.run.lock import run_lock
+
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(TOKENIZER_RECIPE))
+    for command, config, where, flag in [("train", recipe(tmp_path), "--run_dir", "run directory"),
+                                         ("train-tokenizer", tmp_path / "tok.yaml", "--run_dir", "run directory"),
+                                         ("cache", recipe(tmp_path), "--out", "cache directory")]:
+        target = tmp_path / command
+        with run_lock(target, what=flag, flag=where):
+            proc = sandbox_cli(command, "--config", config, where, target)
+        assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {flag} {target} is in use by pid {os.getpid()} on host "), proc.stderr
+        assert not target.exists()  # the refused command wrote nothing; the released lock left nothing
+
+
+def test_a_refused_recipe_leaves_no_run_directory_behind(tmp_path, sandbox_cli):
+    """The lock is taken before the recipe check, in a directory it may have to create: a refusal removes both."""
+    proc = sandbox_cli("train", "--config", recipe(tmp_path), "--run_dir", tmp_path / "new" / "run",
+                       "--train.batch_size", 100_000)  # more than the dataset: refused before the first write
+    assert proc.returncode == 2 and "fewer than one global batch" in proc.stderr and not (tmp_path / "new").exists(), proc.stderr
+
+
+def test_under_torchrun_a_refused_job_stops_on_every_rank(tmp_path):
+    """Rank 0 takes the lock (it alone writes the run directory); the other ranks learn that it was refused and
+    stop too, instead of waiting for rank 0 at their first collective."""
+    from sandbox.run.lock import run_lock
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with run_lock(run):
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 "-m", "sandbox", "train", "--config", recipe(tmp_path), "--run_dir", run,
+                                 "--train.device", "cpu"], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = finish(proc)
+    assert proc.returncode != 0
+    assert (out + err).count(f"error: run directory {run} is in use by pid {os.getpid()}") == 2, err[-3000:]
