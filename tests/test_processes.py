@@ -181,3 +181,38 @@ def test_under_torchrun_a_refused_job_stops_on_every_rank(tmp_path):
         out, err = finish(proc)
     assert proc.returncode != 0
     assert (out + err).count(f"error: run directory {run} is in use by pid {os.getpid()}") == 2, err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------
+# Exit codes: a plugin that exits, a second signal (issue 18, defect 13)
+# ----------------------------------------------------------------------------------------
+def test_a_plugin_file_that_exits_at_import_is_one_error_line(tmp_path):
+    """sys.exit(0) in a plugin file used to end `train` with exit 0, having done nothing."""
+    plugin = tmp_path / "quits.py"
+    plugin.write_text("import sys\nsys.exit(0)\n")
+    proc = sandbox_process("--plugin", plugin, "train", "--config", recipe(tmp_path), "--run_dir", tmp_path / "run")
+    _, err = finish(proc)
+    assert proc.returncode == 2 and len(error_lines(err)) == 1, err
+    assert err.startswith(f"error: plugin file {plugin.resolve()}") and "sys.exit(0)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_sigterm_stops_at_once_with_143(tmp_path, monkeypatch, capsys):
+    """The first SIGTERM asks for a checkpoint at the end of the step; a second one, during that step, stops at
+    once -- and the exit code still says which signal it was (128 + 15), as a scheduler reads it."""
+    import sandbox.run.trainer as train_module
+    from sandbox.cli import main
+
+    real, calls = train_module.training_loss, []
+
+    def signalled_twice_in_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", signalled_twice_in_step_two)
+    assert main(["train", "--config", recipe(tmp_path), "--run_dir", str(tmp_path / "run")]) == 128 + signal.SIGTERM
+    assert len(calls) == 2 and "interrupted by signal 15" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handlers are gone again
