@@ -216,3 +216,56 @@ def test_a_second_sigterm_stops_at_once_with_143(tmp_path, monkeypatch, capsys):
     assert main(["train", "--config", recipe(tmp_path), "--run_dir", str(tmp_path / "run")]) == 128 + signal.SIGTERM
     assert len(calls) == 2 and "interrupted by signal 15" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handlers are gone again
+
+
+# ----------------------------------------------------------------------------------------
+# A shared CPU: threads from the cores left free, a short OpenMP spin (issue 18, defect 14)
+# ----------------------------------------------------------------------------------------
+def test_free_cores_are_the_cores_others_leave_idle(monkeypatch):
+    """Two cores; between the two looks at /proc/stat (100 ticks each) another process used ``busy`` ticks."""
+    import sandbox.cli._threads as threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for busy, free in [((0, 0), 2), ((30, 5), 2), ((100, 0), 1), ((60, 50), 1), ((100, 100), 1)]:
+        looks = iter([{0: (0, 0), 1: (0, 0)}, {0: (busy[0], 100), 1: (busy[1], 100)}])
+        monkeypatch.setattr(threads, "_busy_fractions", lambda cpus: next(looks))
+        assert threads.free_cores(look_s=0) == free, busy
+
+
+THREADS_PROBE = """
+import os, sys
+import sandbox.cli._threads as threads
+threads.free_cores = lambda look_s=0: 1  # as if one of the cores were busy
+from sandbox.cli import main
+code = main(["plugins"])
+import torch
+print(code, torch.get_num_threads(), os.environ.get("GOMP_SPINCOUNT"))
+"""
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "0 1 10000"),  # the free cores, a short spin
+    ({"OMP_NUM_THREADS": "2"}, "0 2 10000"),  # the user's choice
+    ({"SANDBOX_THREADS": "2", "OMP_NUM_THREADS": "1"}, "0 2 10000"),  # the sandbox's own variable first
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "0 1 None"),  # a wait policy set by the user stays
+])
+def test_the_command_line_sets_threads_and_spin_before_torch_starts(env, expected):
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SANDBOX_THREADS", "GOMP_SPINCOUNT",
+                                                             "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-c", THREADS_PROBE], cwd=REPO, capture_output=True, text=True,
+                          env={**base, "PYTHONPATH": str(REPO), **env}, timeout=HANG)
+    assert proc.stdout.splitlines()[-1] == expected, proc.stderr[-2000:]
+
+
+def test_bad_sandbox_threads_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "sandbox", "plugins"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "SANDBOX_THREADS": "many"}, timeout=HANG)
+    assert proc.returncode == 2 and proc.stderr == "error: SANDBOX_THREADS must be a whole number >= 1, got 'many'\n"
+
+
+def test_a_session_that_imported_torch_keeps_its_threads(sandbox_cli):
+    import torch
+
+    before, env = torch.get_num_threads(), dict(os.environ)
+    assert sandbox_cli("plugins").returncode == 0
+    assert torch.get_num_threads() == before and dict(os.environ) == env
