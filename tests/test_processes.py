@@ -17,8 +17,9 @@ import pytest
 import yaml
 from conftest import REPO, TINY_RECIPE
 
-
-HANG = float(os.environ.get("TEST_HANG", 180))  # seconds: far beyond a tiny run on a busy 2-core machine; only a hang reaches it
+# seconds: far beyond a tiny run on a busy 2-core machine, so only a hang reaches it (TEST_HANG: shorter, to see
+# a test fail quickly against code that hangs)
+HANG = float(os.environ.get("TEST_HANG", "180"))
 
 
 def sandbox_process(*args, patch: str = "", **popen) -> subprocess.Popen:
@@ -93,7 +94,8 @@ TOKENIZER_RECIPE = {
 def test_train_tokenizer_with_loader_workers_exits_after_done(tmp_path):
     (tmp_path / "tok.yaml").write_text(yaml.safe_dump(TOKENIZER_RECIPE))
     for attempt in range(2):
-        proc = sandbox_process("train-tokenizer", "--config", tmp_path / "tok.yaml", "--run_dir", tmp_path / f"r{attempt}")
+        proc = sandbox_process("train-tokenizer", "--config", tmp_path / "tok.yaml",
+                               "--run_dir", tmp_path / f"r{attempt}")
         out, err = finish(proc)
         assert proc.returncode == 0 and out.startswith("done: 3 steps"), err[-2000:]
 
@@ -124,7 +126,8 @@ def test_a_second_writer_is_refused_and_a_killed_holder_blocks_nothing(tmp_path,
     no recipe yet). The holder, SIGKILLed with its loader workers still alive, leaves a lock that blocks
     nothing: the kernel drops it with the process."""
     run = tmp_path / "run"
-    configs = [recipe(tmp_path, "a"), recipe(tmp_path, "b", lr=2e-3) if recipes == "different" else recipe(tmp_path, "a")]
+    second = recipe(tmp_path, "b", lr=2e-3) if recipes == "different" else recipe(tmp_path, "a")
+    configs = [recipe(tmp_path, "a"), second]
     long = ["--train.steps", 100_000, "--train.ckpt_every", 1_000_000, "--train.num_workers", 2]
     procs = [sandbox_process("train", "--config", c, "--run_dir", run, *long) for c in configs]
     refused = first_to_exit(procs)
@@ -163,7 +166,8 @@ def test_a_refused_recipe_leaves_no_run_directory_behind(tmp_path, sandbox_cli):
     """The lock is taken before the recipe check, in a directory it may have to create: a refusal removes both."""
     proc = sandbox_cli("train", "--config", recipe(tmp_path), "--run_dir", tmp_path / "new" / "run",
                        "--train.batch_size", 100_000)  # more than the dataset: refused before the first write
-    assert proc.returncode == 2 and "fewer than one global batch" in proc.stderr and not (tmp_path / "new").exists(), proc.stderr
+    assert proc.returncode == 2 and "fewer than one global batch" in proc.stderr, proc.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_under_torchrun_a_refused_job_stops_on_every_rank(tmp_path):
@@ -228,7 +232,7 @@ def test_free_cores_are_the_cores_others_leave_idle(monkeypatch):
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for busy, free in [((0, 0), 2), ((30, 5), 2), ((100, 0), 1), ((60, 50), 1), ((100, 100), 1)]:
         looks = iter([{0: (0, 0), 1: (0, 0)}, {0: (busy[0], 100), 1: (busy[1], 100)}])
-        monkeypatch.setattr(threads, "_busy_fractions", lambda cpus: next(looks))
+        monkeypatch.setattr(threads, "_busy_fractions", lambda cpus, looks=looks: next(looks))
         assert threads.free_cores(look_s=0) == free, busy
 
 
@@ -252,13 +256,14 @@ print(code, torch.get_num_threads(), os.environ.get("GOMP_SPINCOUNT"))
 def test_the_command_line_sets_threads_and_spin_before_torch_starts(env, expected):
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SANDBOX_THREADS", "GOMP_SPINCOUNT",
                                                              "OMP_WAIT_POLICY")}
-    proc = subprocess.run([sys.executable, "-c", THREADS_PROBE], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", THREADS_PROBE], check=False, cwd=REPO, capture_output=True, text=True,
                           env={**base, "PYTHONPATH": str(REPO), **env}, timeout=HANG)
     assert proc.stdout.splitlines()[-1] == expected, proc.stderr[-2000:]
 
 
 def test_bad_sandbox_threads_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "sandbox", "plugins"], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "sandbox", "plugins"], check=False, cwd=REPO, capture_output=True,
+                          text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), "SANDBOX_THREADS": "many"}, timeout=HANG)
     assert proc.returncode == 2 and proc.stderr == "error: SANDBOX_THREADS must be a whole number >= 1, got 'many'\n"
 

@@ -285,8 +285,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train-tokenizer", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     vae.train()
-    # the bar ends its line before an error is printed; closing the data stops its loader workers
-    with StopRequested() as stop, bar, closing(data):
+    with StopRequested() as stop, bar, closing(data):  # bar: its line ends before an error; closing: the workers
         while step < tc.steps and stop.signal is None:
             lr = lr_at(step, tc, peak_lr)
             for group in opt.param_groups:
