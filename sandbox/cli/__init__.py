@@ -20,6 +20,16 @@ def all_commands() -> list[ModuleType]:
 
 def main(argv: list[str] | None = None) -> int:
     """``sandbox ...``: the console script's entry point (see sandbox/cli/_main.py)."""
+    import sys
+
+    from sandbox.cli._threads import share_cpu
+    from sandbox.errors import UserError
+
+    try:
+        share_cpu()  # before anything imports torch: its OpenMP runtime reads the settings once, at load
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from sandbox.cli._main import main as _main
 
     return _main(argv)

@@ -6,6 +6,7 @@ ends in one line ``error: ...`` and exit code 2.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -92,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C (SIGINT), or a second stop signal during training (run/signals.py)
+        signum = getattr(e, "signum", int(signal.SIGINT))
+        print(f"interrupted by signal {signum}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

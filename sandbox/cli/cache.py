@@ -30,6 +30,13 @@ def parser() -> ArgumentParser:
 
 
 def run(cfg: Namespace) -> None:
+    from sandbox.run.lock import run_lock
+
+    with run_lock(cfg.out, what="cache directory", flag="--out"):  # one writer per cache
+        _write(cfg)
+
+
+def _write(cfg: Namespace) -> None:
     import torch
 
     from sandbox.config.recipe import instantiate, recipe_dict

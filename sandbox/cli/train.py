@@ -38,11 +38,14 @@ def default_run_dir(cfg: Namespace) -> str:
 
 def run(cfg: Namespace) -> None:
     from sandbox.run import distributed
+    from sandbox.run.lock import run_lock
     from sandbox.run.trainer import train
 
-    # under `torchrun --nproc_per_node N -m sandbox train ...` every rank joins the process group here
-    with distributed.session(cfg.train.device) as me:
-        summary = train(cfg, cfg.run_dir or default_run_dir(cfg))
+    run_dir = cfg.run_dir or default_run_dir(cfg)
+    # under `torchrun --nproc_per_node N -m sandbox train ...` every rank joins the process group here;
+    # one writer per run directory, before its recipe is checked
+    with distributed.session(cfg.train.device) as me, run_lock(run_dir):
+        summary = train(cfg, run_dir)
     if summary.get("stopped"):  # checkpoint saved; exit as the signal would have (schedulers read "not done")
         raise SystemExit(128 + summary["signal"])
     if not me.is_main or summary.get("complete"):

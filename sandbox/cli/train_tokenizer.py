@@ -22,8 +22,11 @@ def parser() -> ArgumentParser:
 
 def run(cfg: Namespace) -> None:
     from sandbox.lab.tokenizer_training import train_tokenizer
+    from sandbox.run.lock import run_lock
 
-    summary = train_tokenizer(cfg, cfg.run_dir or default_run_dir(cfg))
+    run_dir = cfg.run_dir or default_run_dir(cfg)
+    with run_lock(run_dir):  # one writer per run directory, before its recipe is checked
+        summary = train_tokenizer(cfg, run_dir)
     if not summary.get("stopped"):
         print(f"done: {summary['step']} steps; reconstruction PSNR {summary['psnr']:.2f} dB on "
               f"{summary['num_images']} images; latent scale {summary['scale']}; use it in a MAR recipe with "

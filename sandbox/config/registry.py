@@ -89,7 +89,7 @@ def load_entry_points() -> None:
         dist = f"{ep.dist.name} {ep.dist.version}" if getattr(ep, "dist", None) is not None else "unknown package"
         try:
             obj = ep.load()
-        except Exception as e:  # a broken third-party package must say which one it is
+        except (Exception, SystemExit) as e:  # a broken third-party package must say which one it is (and not exit)
             raise UserError(f"plugin entry point '{ep.name} = {ep.value}' of {dist} failed to import: "
                             f"{type(e).__name__}: {e}; fix or uninstall that package") from e
         module = obj.__name__ if isinstance(obj, ModuleType) else getattr(obj, "__module__", ep.module)
@@ -128,6 +128,9 @@ def load_file(path: str | Path, origin: str = "") -> ModuleType:
     sys.modules[name] = module  # before executing it: dataclasses and pickling look the module up by name
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:  # not the command's decision: exit 0 here would end the command "successfully"
+        del sys.modules[name]
+        raise UserError(f"plugin file {path}{where} called sys.exit({e.code!r}) while being imported") from None
     except Exception as e:
         del sys.modules[name]
         raise UserError(f"plugin file {path}{where} failed to import: {type(e).__name__}: {e}") from e

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sandbox.errors import UserError
 from sandbox.run.checkpoints import UnsafeCheckpointError
+from sandbox.run.data import open_loader
 from sandbox.run.files import atomic_write_bytes
 
 FORMAT = "mar-sandbox latent cache"
@@ -120,8 +121,9 @@ def write_cache(dataset, tokenizer, out: str | Path, recipe: dict, batch_size: i
     loader = torch.utils.data.DataLoader(_Indexed(dataset, start), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_collate, pin_memory=torch.device(device).type == "cuda")
     t0, encoded = time.perf_counter(), 0
-    with tqdm(total=N, initial=start, disable=not progress, desc="cache", unit="img", dynamic_ncols=True) as bar:
-        for last, kept, images, batch_labels in loader:
+    bar = tqdm(total=N, initial=start, disable=not progress, desc="cache", unit="img", dynamic_ncols=True)
+    with bar, open_loader(loader) as stream:  # its workers stop when the loop ends, however it ends
+        for last, kept, images, batch_labels in stream:
             if kept:
                 encoded += _write_rows(arrays, index["count"], kept, images, batch_labels, tokenizer, device,
                                        shard_size)

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -285,7 +285,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train-tokenizer", dynamic_ncols=True)
     t_last, seen, last = time.perf_counter(), 0, {}
     vae.train()
-    with StopRequested() as stop, bar:  # the bar ends its line before an error is printed
+    with StopRequested() as stop, bar, closing(data):  # bar: its line ends before an error; closing: the workers
         while step < tc.steps and stop.signal is None:
             lr = lr_at(step, tc, peak_lr)
             for group in opt.param_groups:

@@ -4,6 +4,7 @@ per-micro-batch seeding that makes a resumed or re-split run draw what an uninte
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 
 import torch
 
@@ -71,10 +72,32 @@ def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.
                                          pin_memory=device.type == "cuda", persistent_workers=tc.num_workers > 0,
                                          generator=torch.Generator().manual_seed(seed + start_micro),
                                          worker_init_fn=_ignore_stop_signals if tc.num_workers > 0 else None)
-    for images, labels in loader:
-        if labelled:
-            check_labels(dataset, labels)  # on the CPU, before they move: no device sync
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    with open_loader(loader) as stream:  # close() on this generator (or an error in it) stops the workers
+        for images, labels in stream:
+            if labelled:
+                check_labels(dataset, labels)  # on the CPU, before they move: no device sync
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+@contextmanager
+def open_loader(loader: torch.utils.data.DataLoader):
+    """Iterate ``loader`` and stop its worker processes when the block ends, however it ends.
+
+    Left to Python's exit, the workers are never stopped cleanly: torch's own shutdown is a no-op once the
+    interpreter is exiting, and multiprocessing then sends them SIGTERM -- which our workers ignore
+    (``_ignore_stop_signals``) -- and joins them without a timeout, so a finished run hung after "done".
+    """
+    stream = iter(loader)
+    try:
+        yield stream
+    finally:
+        shutdown = getattr(stream, "_shutdown_workers", None)  # absent without workers
+        if shutdown is not None:
+            shutdown()  # a stop message to each worker, then join (torch kills one that does not answer)
+        for worker in getattr(stream, "_workers", ()):
+            if worker.is_alive():  # SIGTERM, torch's last resort, is ignored by ours
+                worker.kill()
+                worker.join()
 
 
 def seed_micro_batch(generator: torch.Generator, seed: int, step: int, micro: int) -> None:

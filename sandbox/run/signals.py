@@ -4,6 +4,15 @@ from __future__ import annotations
 import signal
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second stop signal: unwind at once (closing the loader on the way). A KeyboardInterrupt, so code that
+    lets Ctrl-C through lets this through too; it carries the signal, so the command exits with 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
 class StopRequested:
     """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
 
@@ -18,7 +27,7 @@ class StopRequested:
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signal = signum
 
     def __exit__(self, *exc):

@@ -18,7 +18,7 @@ import copy
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -211,7 +211,8 @@ class Trainer:
                    dynamic_ncols=True)
         self.t_last, self.seen = time.perf_counter(), 0
         self.model.train()
-        with StopRequested() as stop, bar:  # the bar ends its line before an error is printed
+        # the bar ends its line before an error is printed; closing the data stops its loader workers
+        with StopRequested() as stop, bar, closing(self.data):
             self.stop, stopping = stop, False
             while self.step < tc.steps and not stopping:
                 result, stopping = self.one_step()
