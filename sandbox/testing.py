@@ -123,16 +123,19 @@ def contract_args(cls) -> dict:
     return dict(args() if callable(args) else args)
 
 
-def _build(plugin, base: type, kind: str, init_args: dict, *injected):
+def _build(plugin, base: type, kind: str, init_args: dict, *injected, **injected_kw):
     """An instance of a plugin: given as one, or built from its class (or any factory) with ``init_args``
-    (default: its ``contract_args``) after the arguments the core injects."""
+    (default: its ``contract_args``) after the arguments the core injects (positional, then ``injected_kw``:
+    the tokenizer properties a head requires)."""
     if isinstance(plugin, base):
         return plugin
     if not callable(plugin):
         raise _fail(plugin, f"it is a {type(plugin).__name__}, not a subclass of sandbox.{base.__name__}", kind)
     args = dict(init_args) if init_args else contract_args(plugin)
-    call = f"{_name(plugin)}({', '.join([*map(repr, injected), *(f'{k}={v!r}' for k, v in args.items())])})"
-    obj = _Check(plugin, kind).call(call, plugin, *injected, **args)
+    shown = [*map(repr, injected), *(f"{k}=<tensor {shape_of(v)}>" for k, v in injected_kw.items()),
+             *(f"{k}={v!r}" for k, v in args.items())]
+    call = f"{_name(plugin)}({', '.join(shown)})"
+    obj = _Check(plugin, kind).call(call, plugin, *injected, **injected_kw, **args)
     if not isinstance(obj, base):
         raise _fail(plugin, f"{call} built a {type(obj).__name__}, not a sandbox.{base.__name__}", kind)
     return obj
@@ -417,10 +420,33 @@ def _check_known_from_grid(o, c: _Check, batch: int, grid: tuple[int, int]) -> N
 # --------------------------------------------------------------------------------------
 # Head
 # --------------------------------------------------------------------------------------
+def _required_properties(factory, token_dim: int) -> dict:
+    """Small stand-ins for the tokenizer properties a head ``requires`` (``Head.requires``), as the core injects
+    them: ``codebook`` is 7 random codes of dim C/2 (two codes per token, as a 2 x 2 patch has four) or C."""
+    out = {}
+    for name in getattr(factory, "requires", ()):
+        if name != "codebook":
+            raise _fail(factory, f"requires the tokenizer property {name!r}, which the contract kit cannot make; "
+                                 "build the head yourself and pass the instance to check_head", "head")
+        dim = token_dim // 2 if token_dim % 2 == 0 else token_dim
+        out[name] = torch.randn(7, dim, generator=_gen(7))  # (K, c)
+    return out
+
+
+def _check_codebook_rows(c: _Check, call: str, x: Tensor, codebook: Tensor) -> None:
+    """The sampled tokens (N, C) are made of codebook rows (channels ordered (c, p, q), ``Tokenizer.to_tokens``)."""
+    codes = x.reshape(x.shape[0], codebook.shape[1], -1).transpose(1, 2).reshape(-1, codebook.shape[1])  # (N m, c)
+    off = int((~(codes[:, None, :] == codebook[None]).all(-1).any(-1)).sum())
+    c.expect(off == 0, f"{call} gave {off} code(s) that are not rows of the injected codebook; a head that "
+                       "requires the codebook samples its rows, in the (c, p, q) channel order")
+
+
 def check_head(factory, token_dim: int = 6, cond_dim: int = 16, n: int = 10, **init_args) -> None:
     """loss: (N,C),(N,D) -> finite per-row (N,), differentiable in cond and the head's parameters, seeded;
-    sample: (N,D) -> finite (N,C), seeded, also with temperature and classifier-free guidance."""
-    head = _build(factory, Head, "head", init_args, token_dim, cond_dim)
+    sample: (N,D) -> finite (N,C), seeded, also with temperature and classifier-free guidance. A head that
+    ``requires`` the codebook is built with a small random one and must sample its rows."""
+    required = {} if isinstance(factory, Head) else _required_properties(factory, token_dim)
+    head = _build(factory, Head, "head", init_args, token_dim, cond_dim, **required)
     c = _Check(factory, "head")
     c.expect(head.token_dim == token_dim and head.cond_dim == cond_dim,
              f"built with (token_dim={token_dim}, cond_dim={cond_dim}) it reports token_dim={head.token_dim}, "
@@ -466,12 +492,16 @@ def check_head(factory, token_dim: int = 6, cond_dim: int = 16, n: int = 10, **i
         c.tensor(sample_call, x, (n, token_dim), "(N, C)")
         c.expect(torch.equal(x, y), f"{sample_call} with the same generator seed gave different tokens (max |diff| "
                                     f"{_max_diff(x, y):.3g}); draw its randomness from `generator`")
+        if "codebook" in required:
+            _check_codebook_rows(c, sample_call, x, required["codebook"])
         uncond = torch.randn(n, cond_dim, generator=_gen(5))  # (N, D)
         for temperature, cfg in ((0.5, 1.0), (0.9, 2.0)):
             guided_call = f"sample(cond {tuple(cond.shape)}, temperature={temperature}, cfg={cfg}, uncond (N, D))"
             with c.own_randomness(guided_call):
                 g = c.call(guided_call, head.sample, cond, temperature, cfg, uncond, _gen(6))
             c.tensor(guided_call, g, (n, token_dim), "(N, C)")
+            if "codebook" in required:
+                _check_codebook_rows(c, guided_call, g, required["codebook"])
 
 
 # --------------------------------------------------------------------------------------

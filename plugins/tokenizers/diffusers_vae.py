@@ -24,29 +24,30 @@ from sandbox.plugins.tokenizers.autoencoder_kl import AutoencoderKLTokenizer
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what save_pretrained writes
 
 
-def find_vae_folder(path: str | Path, subfolder: str | None = None) -> Path:
-    """The folder holding the AutoencoderKL's config.json: ``path`` itself, ``path/subfolder``, or ``path/vae``."""
+def find_vae_folder(path: str | Path, subfolder: str | None = None, model: str = "AutoencoderKL") -> Path:
+    """The folder with the diffusers ``model``'s config.json: ``path`` itself, ``path/subfolder``, or ``path/vae``."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(
-            f"AutoencoderKL folder not found: {root}. Give --tokenizer.path a diffusers-format folder (config.json "
-            "and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained writes it) or a "
+            f"{model} folder not found: {root}. Give --tokenizer.path a diffusers-format folder (config.json "
+            f"and diffusion_pytorch_model.safetensors, as {model}.save_pretrained writes it) or a "
             "`sandbox train-tokenizer` run directory"
         )
     candidates = [root / subfolder] if subfolder else [root, root / "vae"]
     for folder in candidates:
         if (folder / "config.json").is_file():
             return folder
-    raise UserError(f"{root} holds no AutoencoderKL: expected config.json in {' or '.join(map(str, candidates))}")
+    raise UserError(f"{root} holds no {model}: expected config.json in {' or '.join(map(str, candidates))}")
 
 
-def read_vae_config(folder: Path) -> dict:
+def read_vae_config(folder: Path, model: str = "AutoencoderKL") -> dict:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {folder / 'config.json'}: {e}") from e
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise UserError(f"{folder} holds a diffusers {config['_class_name']}, not an AutoencoderKL")
+    if config.get("_class_name", model) != model:
+        article = "an" if model[0] in "AEIOU" else "a"
+        raise UserError(f"{folder} holds a diffusers {config['_class_name']}, not {article} {model}")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
     return config

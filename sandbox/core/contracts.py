@@ -101,6 +101,12 @@ class Tokenizer(nn.Module):
         """Scaled latent (B,c,h',w') -> images (B,3,H,W), roughly in [-1,1]."""
         raise NotImplementedError
 
+    @property
+    def codebook(self) -> Tensor | None:
+        """(K, c): the codebook of a VQ tokenizer in its scaled latent units (``encode`` then returns rows of it);
+        None for continuous latents. A head that declares ``requires = ("codebook",)`` is built with it."""
+        return None
+
     # -- posterior moments: what a latent cache stores (override for stochastic tokenizers) -----
     @property
     def moment_channels(self) -> int:
@@ -391,6 +397,9 @@ class Head(nn.Module):
 
     Built by the core as ``HeadClass(token_dim, cond_dim, **init_args)``. A head built around a hidden
     network sets ``width`` (its hidden width), so the trainer can warn when tokens are large for it.
+    A head that needs more from the tokenizer names those tokenizer properties in ``requires``; the core
+    passes them as keywords (``HeadClass(token_dim, cond_dim, codebook=tokenizer.codebook, **init_args)``),
+    never the recipe, and refuses a tokenizer whose property is None.
     """
 
     contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
@@ -398,6 +407,7 @@ class Head(nn.Module):
     width: int | None = None  # hidden width of the per-token network; None: not reported (no check)
     has_nll: bool = False  # implements ``nll`` (a likelihood: sandbox eval --nll)
     supports_num_steps: bool = False  # True: ``sample`` honours ``num_steps`` (head-step schedules, issue 22)
+    requires: tuple[str, ...] = ()  # tokenizer properties injected as keywords at construction, e.g. ("codebook",)
 
     def __init__(self, token_dim: int, cond_dim: int):
         super().__init__()

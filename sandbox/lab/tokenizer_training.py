@@ -1,16 +1,22 @@
-"""Training a small KL autoencoder (a diffusers ``AutoencoderKL``) to use as a MAR tokenizer.
+"""Training a small autoencoder to use as a MAR tokenizer: KL (a diffusers ``AutoencoderKL``) or VQ (``VQModel``).
 
 The LDM recipe: a pixel L1 loss plus LPIPS (perceptual) plus a small KL term towards N(0, I), and a
 PatchGAN discriminator (hinge loss) that joins after a warm-up step with LDM's adaptive weight; EMA of
-the autoencoder's weights. The run directory follows ``sandbox train``'s conventions (``recipe.yaml``,
-``checkpoints/``, ``metrics.jsonl``, ``samples/``, exact resume, atomic saves). At the end the EMA weights
-are exported to ``RUN/vae/`` in diffusers format, with the latent scale measured on the dataset written as
-its ``scaling_factor``, so ``DiffusersVAETokenizer`` (``--tokenizer.path RUN``) uses it in a MAR recipe.
+the autoencoder's weights. ``autoencoder.bottleneck: vq`` swaps the KL term for a codebook: the encoder's
+latent is replaced by its nearest codebook vector, the decoder's gradient passes it straight through, and
+VQ-VAE's codebook loss ||sg[z_e] - e||^2 plus commitment loss beta ||z_e - sg[e]||^2 (beta 0.25) train the
+codebook and keep the encoder near it. The run directory follows ``sandbox train``'s conventions
+(``recipe.yaml``, ``checkpoints/``, ``metrics.jsonl``, ``samples/``, exact resume, atomic saves). At the end the
+EMA weights are exported to ``RUN/vae/`` in diffusers format, with the latent scale measured on the dataset
+written as its ``scaling_factor``, so ``DiffusersVAETokenizer`` (KL) or ``VQTokenizer`` (VQ) with
+``--tokenizer.path RUN`` uses it in a MAR recipe.
 
 References:
     Rombach et al., CVPR 2022 and CompVis latent-diffusion ``LPIPSWithDiscriminator`` (L1 + LPIPS + KL with
     kl_weight 1e-6, hinge PatchGAN from disc_start, adaptive weight ||grad nll|| / ||grad g||, Adam betas 0.5, 0.9);
-    Isola et al., CVPR 2017 (pix2pix PatchGAN ``NLayerDiscriminator``); Zhang et al., CVPR 2018 (LPIPS).
+    Isola et al., CVPR 2017 (pix2pix PatchGAN ``NLayerDiscriminator``); Zhang et al., CVPR 2018 (LPIPS);
+    van den Oord et al., NeurIPS 2017 (VQ-VAE eq. 3: straight-through codes, codebook + commitment loss, beta 0.25);
+    Esser et al., CVPR 2021 and taming-transformers ``VQLPIPSWithDiscriminator`` (VQGAN: the same losses as means).
 """
 from __future__ import annotations
 
@@ -54,28 +60,35 @@ EVAL_IMAGES = 512  # images (seeded sample) for the final reconstruction PSNR an
 # --------------------------------------------------------------------------------------
 @dataclass
 class AutoencoderConfig:
-    """A diffusers AutoencoderKL; every level but the last halves the resolution (stride 2**(levels-1))."""
+    """A diffusers AutoencoderKL or VQModel; every level but the last halves the resolution (stride 2**(levels-1))."""
 
     block_out_channels: tuple[int, ...] = (64, 128, 128)  # three levels: stride 4 (LDM KL-16: 128,128,256,256,512)
     layers_per_block: int = 1  # residual blocks per level (LDM uses 2; 1 halves the cost of a small model)
     latent_channels: int = 4  # c: KL-8 / KL-4 use 4, KL-16 16
     norm_num_groups: int = 32  # GroupNorm groups (LDM: 32); must divide every block width
     mid_block_add_attention: bool = True  # LDM: one self-attention block at the lowest resolution
+    bottleneck: Literal["kl", "vq"] = "kl"  # kl: Gaussian posterior (AutoencoderKL); vq: codebook (VQModel)
+    codebook_size: int = 1024  # K, vq only: VQGAN's ImageNet codebook size (Esser et al. 2021); c = latent_channels
 
     def build(self):
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, VQModel
 
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if not self.block_out_channels or bad:
             raise UserError(f"autoencoder.norm_num_groups {self.norm_num_groups} must divide every block width; "
                             f"{bad or 'no levels'} do not")
+        if self.bottleneck == "vq" and self.codebook_size < 2:
+            raise UserError(f"autoencoder.codebook_size must be >= 2, got {self.codebook_size}")
         levels = len(self.block_out_channels)
-        return AutoencoderKL(
+        common = dict(
             in_channels=3, out_channels=3, block_out_channels=tuple(self.block_out_channels),
             down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
             layers_per_block=self.layers_per_block, latent_channels=self.latent_channels,
             norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
         )
+        if self.bottleneck == "vq":
+            return VQModel(**common, num_vq_embeddings=self.codebook_size)
+        return AutoencoderKL(**common)
 
 
 @dataclass
@@ -88,6 +101,11 @@ class LossConfig:
     lpips_weights: Optional[str] = None  # the torchvision trunk file; None: its env variable or the weight folders
     lpips_random_trunk: bool = False  # tests only: a random trunk and no file (checks the wiring, not the values)
     kl_weight: float = 1e-6  # LDM KL-8 / KL-16 configs: a weak pull towards N(0, I) keeps the latent smooth
+    commitment_weight: float = 0.25  # vq only: VQ-VAE's beta (van den Oord et al. 2017, sec. 3.2; VQGAN keeps it)
+    # vq only: a code no batch picked for this many steps restarts at a random encoder output of the current
+    # batch (Jukebox's random restarts), and at step 0 every unpicked code does (a data-dependent init). Without
+    # them the digits recipe's batches used 9 of 256 codes after 100 steps (with them ~220); 0: plain VQ-VAE
+    codebook_restart_steps: int = 20
     disc_start: Optional[int] = None  # step the discriminator joins (LDM KL-16: 50001); None: no discriminator
     disc_weight: float = 0.5  # LDM: scales the adaptive generator weight
     disc_layers: int = 3  # pix2pix PatchGAN: 3 strided layers (70 px receptive field); fewer for tiny images
@@ -161,6 +179,97 @@ def load_lpips(net: str, weights: str | None, random_trunk: bool = False) -> nn.
 
 
 # --------------------------------------------------------------------------------------
+# Bottlenecks: a Gaussian posterior (KL) or a codebook (VQ) between the encoder and the decoder
+# --------------------------------------------------------------------------------------
+def is_vq(vae) -> bool:
+    return hasattr(vae, "quantize")  # a diffusers VQModel holds its codebook there; an AutoencoderKL has none
+
+
+def quantize(vae, h: Tensor) -> tuple[Tensor, Tensor]:
+    """VQ: the latent before quantisation h (B,c,h,w) -> (its nearest codebook vectors (B,c,h,w), differentiable
+    in the codebook, and their indices (B,h,w)). The same nearest-code rule as ``VQTokenizer``."""
+    from sandbox.plugins.tokenizers.vq import nearest_code
+
+    B, c, hh, ww = h.shape
+    index = nearest_code(h.permute(0, 2, 3, 1).reshape(-1, c), vae.quantize.embedding.weight)  # (B h w,)
+    z_q = vae.quantize.embedding(index).view(B, hh, ww, c).permute(0, 3, 1, 2)  # (B, c, h, w)
+    return z_q, index.view(B, hh, ww)
+
+
+def encode_for_training(vae, images: Tensor, generator, lc: LossConfig) -> tuple[Tensor, Tensor, dict]:
+    """images (B,3,H,W) -> (the latent the decoder reads (B,c,h,w), the bottleneck's loss, its readable parts)."""
+    B = images.shape[0]
+    if not is_vq(vae):
+        posterior = vae.encode(images).latent_dist
+        kl = posterior.kl().sum() / B  # summed over latent elements, as LDM
+        return posterior.sample(generator), lc.kl_weight * kl, {"kl": float(kl.detach()) / posterior.mean[0].numel()}
+    h = vae.encode(images).latents  # (B, c, h, w) before quantisation
+    z_q, index = quantize(vae, h)
+    codebook = F.mse_loss(z_q.float(), h.detach().float())  # ||sg[z_e] - e||^2: codes move to the encoder outputs
+    commitment = F.mse_loss(h.float(), z_q.detach().float())  # ||z_e - sg[e]||^2: the encoder stays near its codes
+    # VQGAN adds these means to a mean reconstruction loss; the losses here are per-image sums (LDM's KL
+    # convention), so the VQ term is scaled by the image's 3HW elements: VQGAN's balance, times a constant
+    loss = (codebook + lc.commitment_weight * commitment) * images[0].numel()
+    used = index.unique().numel() / vae.quantize.n_e
+    z = h + (z_q - h).detach()  # straight-through: the decoder reads the codes, the encoder gets their gradient
+    # both terms have the value mean ||z_e - e||^2 (they differ in where the gradient goes): logged once
+    return z, loss, {"vq_mse": float(commitment.detach()), "used": used,
+                     "codes": (h.detach(), index)}  # for CodebookRestarts; popped by the loop, never logged
+
+
+class CodebookRestarts:
+    """Random restarts of dead codes, after Jukebox (Dhariwal et al. 2020, "random restarts for embeddings", which
+    resets codes whose usage falls below a threshold): after an optimizer step, every code that no batch picked
+    for ``after`` steps moves to a random encoder output of the current batch, in the model and its EMA, with
+    its Adam momentum cleared. At step 0 every code not picked restarts, so the codebook starts on the data
+    (diffusers' init spans +-1/K, far from the encoder's outputs)."""
+
+    def __init__(self, num_codes: int, after: int):
+        self.after = after
+        self.last_used = torch.full((num_codes,), -(2**62), dtype=torch.long)  # step each code was last picked
+
+    @torch.no_grad()
+    def update(self, step: int, codes: list[tuple[Tensor, Tensor]], models, opt, generator) -> int:
+        """After optimizer step ``step``: ``codes`` holds each micro-batch's (latent (B,c,h,w), indices (B,h,w)).
+        Returns the number of codes restarted."""
+        for _, index in codes:
+            self.last_used[index.flatten().unique().cpu()] = step
+        if not self.after:
+            return 0
+        dead = ((step - self.last_used) >= self.after) if step else (self.last_used < 0)  # (K,) bool
+        if not dead.any():
+            return 0
+        h = codes[-1][0]
+        rows = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B h w, c) encoder outputs of the last micro-batch
+        pick = torch.randint(len(rows), (int(dead.sum()),), generator=generator, device=generator.device)
+        new = rows[pick.to(rows.device)].float()
+        dead = dead.to(rows.device)
+        for vae in models:  # the model and its EMA: an exported EMA must not keep a dead code's old place
+            vae.quantize.embedding.weight[dead] = new.to(vae.quantize.embedding.weight.dtype)
+        state = opt.state.get(models[0].quantize.embedding.weight, {})
+        if "exp_avg" in state:
+            state["exp_avg"][dead] = 0.0  # stale momentum would push the new code away from the data at once
+        self.last_used[dead.cpu()] = step
+        return len(new)
+
+    def state_dict(self) -> dict:
+        return {"last_used": self.last_used.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_used = state["last_used"].clone()
+
+
+def decode(vae, z: Tensor) -> Tensor:
+    """The latent the decoder reads (B,c,h,w) -> images (B,3,H,W); a VQ latent is not quantised again."""
+    return (vae.decode(z, force_not_quantize=True) if is_vq(vae) else vae.decode(z)).sample
+
+
+def encode_mode(vae, images: Tensor) -> Tensor:
+    """images -> the deterministic latent the decoder reads: KL's posterior mean, VQ's codebook vectors."""
+    return quantize(vae, vae.encode(images).latents)[0] if is_vq(vae) else vae.encode(images).latent_dist.mode()
+
+
+# --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
 def _adaptive_weight(nll: Tensor, g_loss: Tensor, last: Tensor) -> Tensor:
@@ -179,8 +288,8 @@ class _Losses:
     def generator_loss(self, vae, disc, images: Tensor, generator, gan: bool) -> tuple[Tensor, dict]:
         """images (B,3,H,W) -> autoencoder loss and its parts (per-image sums as LDM, divided by B)."""
         lc = self.lc
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample  # (B, 3, H, W)
+        z, bottleneck_loss, bottleneck_parts = encode_for_training(vae, images, generator, lc)
+        recon = decode(vae, z)  # (B, 3, H, W)
         l1 = (images - recon).abs()  # (B, 3, H, W)
         rec = lc.l1_weight * l1
         parts = {"l1": float(l1.detach().mean())}
@@ -188,11 +297,9 @@ class _Losses:
             p = lpips_distance(self.lpips, images, recon)  # (B,)
             rec = rec + lc.perceptual_weight * p[:, None, None, None]  # LDM adds it at every pixel
             parts["lpips"] = float(p.detach().mean())
-        B = images.shape[0]
-        nll = rec.sum() / B
-        kl = posterior.kl().sum() / B  # summed over latent elements, as LDM
-        loss = nll + lc.kl_weight * kl
-        parts["kl"] = float(kl.detach()) / posterior.mean[0].numel()  # per latent element, readable
+        nll = rec.sum() / images.shape[0]
+        loss = nll + bottleneck_loss
+        parts.update(bottleneck_parts)  # KL per latent element; VQ's mean losses and the share of codes used
         if gan:
             g_loss = -disc(recon).mean()
             d_weight = _adaptive_weight(nll, g_loss, vae.decoder.conv_out.weight) * lc.disc_weight
@@ -246,6 +353,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
     run.write_recipe(recipe)
 
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
+    restarts = CodebookRestarts(ac.codebook_size, lc.codebook_restart_steps) if is_vq(vae) else None
     peak_lr = base_lr(tc)
     opt = torch.optim.AdamW(vae.parameters(), lr=peak_lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or peak_lr, betas=tuple(tc.betas),
@@ -264,6 +372,8 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             detail = state_mismatch(e) if isinstance(e, RuntimeError) else one_line(e)
             raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this autoencoder: {detail}") from e
         opt.load_state_dict(ckpt["optimizer"])
+        if restarts is not None and "vq_restarts" in ckpt:
+            restarts.load_state_dict(ckpt["vq_restarts"])
         step = int(ckpt["step"])
         guard.load_state_dict(ckpt["guard"])
         set_rng_state(ckpt["rng"], generator)
@@ -277,7 +387,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             "disc": disc.state_dict() if disc is not None else {},
             "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else {},
             "step": step, "skipped": guard.total, "guard": guard.state_dict(), "rng": rng_state(generator), "recipe": recipe, "meta": meta,
-            "version": __version__,
+            "version": __version__, **({"vq_restarts": restarts.state_dict()} if restarts is not None else {}),
         }, step, tc.keep_checkpoints)
 
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -294,7 +404,7 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             if disc is not None:
                 disc.requires_grad_(False)  # the generator's loss must not leave gradients in the discriminator
             total, parts_sum, d_total = 0.0, {}, 0.0
-            recons = []
+            recons, codes = [], []
             for _ in range(tc.grad_accum):
                 images, _ = next(data)
                 images = dataset.augment(images, generator)
@@ -303,6 +413,8 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
                 (loss / tc.grad_accum).backward()
                 total += float(loss.detach()) / tc.grad_accum
                 recons.append((images, parts.pop("recon")))
+                if "codes" in parts:  # VQ: this micro-batch's encoder outputs and picked codes
+                    codes.append(parts.pop("codes"))
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
                 seen += images.shape[0]
@@ -311,6 +423,8 @@ def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) 
             if ok:
                 opt.step()
                 ema_update(ema, vae, ema_decay_at(step, tc))
+                if restarts is not None:
+                    parts_sum["restarted"] = restarts.update(step, codes, (vae, ema), opt, generator)
             opt.zero_grad(set_to_none=True)
             if gan and ok:  # the discriminator learns from this step's reconstructions (LDM's second optimizer)
                 disc.requires_grad_(True)
@@ -361,15 +475,13 @@ def _reconstruction_grid(vae, dataset: Dataset, device: torch.device, seed: int,
     from sandbox.images.grids import save_grid
 
     images = _sample_images(dataset, n, seed).to(device)
-    recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    recon = decode(vae, encode_mode(vae, images))
     rows = torch.stack([images, recon], 1)  # (n, 2, 3, H, W): original beside its reconstruction
     save_grid(rows.flatten(0, 1), path, ncol=16)
 
 
-@torch.no_grad()
-def export(vae, dataset: Dataset, run: RunDir, device: torch.device, seed: int) -> dict:
-    """Measure PSNR and the latent scale of ``vae`` on a seeded sample, write RUN/vae and RUN/reconstruction.json."""
-    images = _sample_images(dataset, EVAL_IMAGES, seed)
+def _kl_report(vae, images: Tensor, device: torch.device, seed: int) -> tuple[list[Tensor], list[Tensor], dict]:
+    """KL: PSNR of the posterior mean's reconstruction, and one posterior sample per image (the latent scale)."""
     g = torch.Generator(device).manual_seed(seed)
     scores, latents = [], []
     for lo in range(0, len(images), 64):
@@ -377,9 +489,37 @@ def export(vae, dataset: Dataset, run: RunDir, device: torch.device, seed: int) 
         posterior = vae.encode(x).latent_dist
         scores.append(psnr(x, vae.decode(posterior.mode()).sample).cpu())  # reconstruction of the posterior mean
         latents.append(posterior.sample(g).double().cpu())  # (b, c, h, w): one posterior sample per image
+    return scores, latents, {}
+
+
+def _vq_report(vae, images: Tensor, device: torch.device) -> tuple[list[Tensor], list[Tensor], dict]:
+    """VQ: PSNR through the codebook, the quantised latents (VQTokenizer's tokens: their scale), PSNR of the latent
+    before quantisation (VQTokenizer with quantize false), the codes in use and the perplexity of their
+    distribution (K when every code is used equally often)."""
+    scores, latents, unquantised = [], [], []
+    counts = torch.zeros(vae.quantize.n_e, dtype=torch.float64)
+    for lo in range(0, len(images), 64):
+        x = images[lo : lo + 64].to(device)
+        h = vae.encode(x).latents  # (b, c, h, w) before quantisation
+        z_q, index = quantize(vae, h)
+        scores.append(psnr(x, decode(vae, z_q)).cpu())
+        latents.append(z_q.double().cpu())
+        unquantised.append(psnr(x, decode(vae, h)).cpu())
+        counts += torch.bincount(index.flatten().cpu(), minlength=len(counts)).double()
+    p = counts[counts > 0] / counts.sum()
+    return scores, latents, {"psnr_before_quantisation": round(float(torch.cat(unquantised).mean()), 3),
+                             "codebook_size": len(counts), "codes_used": int((counts > 0).sum()),
+                             "code_perplexity": round(float(torch.exp(-(p * p.log()).sum())), 2)}
+
+
+@torch.no_grad()
+def export(vae, dataset: Dataset, run: RunDir, device: torch.device, seed: int) -> dict:
+    """Measure PSNR and the latent scale of ``vae`` on a seeded sample, write RUN/vae and RUN/reconstruction.json."""
+    images = _sample_images(dataset, EVAL_IMAGES, seed)
+    scores, latents, extra = _vq_report(vae, images, device) if is_vq(vae) else _kl_report(vae, images, device, seed)
     z = torch.cat(latents)
     stats = {"std": float(z.std()), "mean": float(z.mean())}
-    scale = float(f"{1.0 / stats['std']:.4g}")  # 1 / std of posterior samples, as MAR's 0.2325 (LTH14/mar#2)
+    scale = float(f"{1.0 / stats['std']:.4g}")  # 1 / std of the latents, as MAR's 0.2325 (LTH14/mar#2)
     # how far the scaled latents reach: a head that clips x0 (DiffusionHead.x0_clip) must not clip below it
     reach = torch.quantile((z.flatten() * scale).abs()[:1_000_000].float(), 0.999).item()
     vae.register_to_config(scaling_factor=scale)
@@ -387,7 +527,7 @@ def export(vae, dataset: Dataset, run: RunDir, device: torch.device, seed: int) 
     _reconstruction_grid(vae, dataset, device, seed, run.samples_dir / "reconstructions.png")
     result = {"psnr": round(float(torch.cat(scores).mean()), 3), "num_images": len(images),
               "latent_std": round(stats["std"], 5), "latent_mean": round(stats["mean"], 5), "scale": scale,
-              "scaled_abs_q999": round(reach, 3),
+              "scaled_abs_q999": round(reach, 3), **extra,
               "vae": str(run.root / "vae")}
     atomic_write_bytes(run.root / "reconstruction.json", json.dumps(result, indent=2).encode())
     return result
