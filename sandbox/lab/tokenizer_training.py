@@ -327,139 +327,189 @@ def _save_vae(vae, folder: Path) -> None:
 
 def train_tokenizer(cfg: Namespace, run_dir: str | Path, progress: bool = True) -> dict:
     """Train (or resume) the tokenizer recipe ``cfg`` in ``run_dir``. Returns a summary dict."""
-    run = RunDir(run_dir)
-    recipe = tokenizer_recipe_dict(cfg)
-    check_run_recipe(run, recipe)
-    tc: TrainConfig = _slot(cfg, "train", TrainConfig)
-    lc: LossConfig = _slot(cfg, "loss", LossConfig)
-    ac: AutoencoderConfig = _slot(cfg, "autoencoder", AutoencoderConfig)
-    device = resolve_device(tc.device)
-    amp_dtype = autocast_dtype(tc.precision, device)
-    if amp_dtype == torch.float16:  # LDM VAEs overflow in fp16 (diffusers marks them force_upcast)
-        raise UserError("train-tokenizer runs in fp32 or bf16; set --train.precision bf16 or fp32")
-    torch.manual_seed(cfg.seed)  # initial weights follow the recipe's seed
-    dataset = instantiate(cfg, "data")
-    if dataset.provides != "images":
-        raise UserError(f"dataset {type(dataset).__name__} provides {dataset.provides}: a tokenizer trains on images")
-    stride = 2 ** (len(ac.block_out_channels) - 1)
-    if dataset.image_size % stride:
-        raise UserError(f"image size {dataset.image_size} is not divisible by the autoencoder's stride {stride} "
-                        f"({len(ac.block_out_channels)} levels); change the dataset's image_size or the levels")
-    vae = ac.build().to(device)
-    disc = PatchDiscriminator(lc.disc_layers, lc.disc_channels).to(device) if lc.disc_start is not None else None
-    losses = _Losses(lc, device)
-    params = sum(p.numel() * p.element_size() for m in (vae, disc) if m is not None for p in m.parameters())
-    run.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 2) + 1))  # copies as trainer.checkpoint_reserve
-    run.write_recipe(recipe)
+    return TokenizerTrainer(cfg, run_dir, progress).run()
 
-    ema = copy.deepcopy(vae).eval().requires_grad_(False)
-    restarts = CodebookRestarts(ac.codebook_size, lc.codebook_restart_steps) if is_vq(vae) else None
-    peak_lr = base_lr(tc)
-    opt = torch.optim.AdamW(vae.parameters(), lr=peak_lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or peak_lr, betas=tuple(tc.betas),
-                                 weight_decay=tc.weight_decay) if disc is not None else None
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    step, guard = 0, NonFiniteGuard(tc.max_nonfinite_steps)
-    ckpt = run.load_latest(map_location=device)
-    if ckpt is not None:
+
+class TokenizerTrainer:
+    """One tokenizer run, in phases as ``sandbox.run.trainer.Trainer``: build, restore, loop (steps of the
+    autoencoder and, once it joins, the discriminator), export."""
+
+    def __init__(self, cfg: Namespace, run_dir: str | Path, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.run_dir = RunDir(run_dir)
+        self.recipe = tokenizer_recipe_dict(cfg)
+        check_run_recipe(self.run_dir, self.recipe)
+        self.tc: TrainConfig = _slot(cfg, "train", TrainConfig)
+        self.lc: LossConfig = _slot(cfg, "loss", LossConfig)
+        self.ac: AutoencoderConfig = _slot(cfg, "autoencoder", AutoencoderConfig)
+        self.device = resolve_device(self.tc.device)
+        self.amp_dtype = autocast_dtype(self.tc.precision, self.device)
+        if self.amp_dtype == torch.float16:  # LDM VAEs overflow in fp16 (diffusers marks them force_upcast)
+            raise UserError("train-tokenizer runs in fp32 or bf16; set --train.precision bf16 or fp32")
+        self.step = 0
+
+    def run(self) -> dict:
+        self.build()
+        ckpt = self.run_dir.load_latest(map_location=self.device)
+        if ckpt is not None:
+            self.restore(ckpt)
+        stopped = self.loop()
+        root = str(self.run_dir.root)
+        if stopped is not None:
+            print(f"stopped by signal {stopped} at step {self.step}; checkpoint saved in {self.run_dir.ckpt_dir}")
+            return {"step": self.step, "stopped": True, "run_dir": root}
+        return {"step": self.step, "run_dir": root,
+                **export(self.ema, self.dataset, self.run_dir, self.device, self.cfg.seed)}
+
+    def build(self) -> None:
+        """The dataset, the autoencoder (and discriminator), their optimizers; the run directory."""
+        cfg, tc, lc, ac = self.cfg, self.tc, self.lc, self.ac
+        torch.manual_seed(cfg.seed)  # initial weights follow the recipe's seed
+        self.dataset = dataset = instantiate(cfg, "data")
+        if dataset.provides != "images":
+            raise UserError(f"dataset {type(dataset).__name__} provides {dataset.provides}: a tokenizer trains on "
+                            "images")
+        stride = 2 ** (len(ac.block_out_channels) - 1)
+        if dataset.image_size % stride:
+            raise UserError(f"image size {dataset.image_size} is not divisible by the autoencoder's stride {stride} "
+                            f"({len(ac.block_out_channels)} levels); change the dataset's image_size or the levels")
+        self.vae = vae = ac.build().to(self.device)
+        self.disc = PatchDiscriminator(lc.disc_layers, lc.disc_channels).to(self.device) \
+            if lc.disc_start is not None else None
+        self.losses = _Losses(lc, self.device)
+        params = sum(p.numel() * p.element_size() for m in (vae, self.disc) if m is not None for p in m.parameters())
+        self.run_dir.create(reserve_bytes=4 * params * (max(tc.keep_checkpoints, 2) + 1))  # as checkpoint_reserve
+        self.run_dir.write_recipe(self.recipe)
+        self.ema = copy.deepcopy(vae).eval().requires_grad_(False)
+        self.restarts = CodebookRestarts(ac.codebook_size, lc.codebook_restart_steps) if is_vq(vae) else None
+        self.peak_lr = base_lr(tc)
+        self.opt = torch.optim.AdamW(vae.parameters(), lr=self.peak_lr, betas=tuple(tc.betas),
+                                     weight_decay=tc.weight_decay)
+        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=lc.disc_lr or self.peak_lr, betas=tuple(tc.betas),
+                                          weight_decay=tc.weight_decay) if self.disc is not None else None
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.guard = NonFiniteGuard(tc.max_nonfinite_steps)
+        self.meta = {"image_size": int(dataset.image_size), "stride": stride, "latent_channels": ac.latent_channels}
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from ``ckpt``: weights, optimizers, codebook restarts, the guard and the generator."""
         try:
-            vae.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            if disc is not None:
-                disc.load_state_dict(ckpt["disc"])
-                disc_opt.load_state_dict(ckpt["disc_optimizer"])
+            self.vae.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema"])
+            if self.disc is not None:
+                self.disc.load_state_dict(ckpt["disc"])
+                self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
         except (RuntimeError, KeyError, TypeError) as e:
             detail = state_mismatch(e) if isinstance(e, RuntimeError) else one_line(e)
-            raise UserError(f"checkpoint in {run.ckpt_dir} does not fit this autoencoder: {detail}") from e
-        opt.load_state_dict(ckpt["optimizer"])
-        if restarts is not None and "vq_restarts" in ckpt:
-            restarts.load_state_dict(ckpt["vq_restarts"])
-        step = int(ckpt["step"])
-        guard.load_state_dict(ckpt["guard"])
-        set_rng_state(ckpt["rng"], generator)
-        run.truncate_metrics(step)  # a killed run logged steps past its checkpoint; they are redone now
-        print(f"resuming {run.root} from step {step}")
-    meta = {"image_size": int(dataset.image_size), "stride": stride, "latent_channels": ac.latent_channels}
+            raise UserError(f"checkpoint in {self.run_dir.ckpt_dir} does not fit this autoencoder: {detail}") from e
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.restarts is not None and "vq_restarts" in ckpt:
+            self.restarts.load_state_dict(ckpt["vq_restarts"])
+        self.step = int(ckpt["step"])
+        self.guard.load_state_dict(ckpt["guard"])
+        set_rng_state(ckpt["rng"], self.generator)
+        self.run_dir.truncate_metrics(self.step)  # a killed run logged steps past its checkpoint; redone now
+        print(f"resuming {self.run_dir.root} from step {self.step}")
 
-    def checkpoint() -> None:
-        run.save({
-            "model": vae.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "disc": disc.state_dict() if disc is not None else {},
-            "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else {},
-            "step": step, "skipped": guard.total, "guard": guard.state_dict(), "rng": rng_state(generator), "recipe": recipe, "meta": meta,
-            "version": __version__, **({"vq_restarts": restarts.state_dict()} if restarts is not None else {}),
-        }, step, tc.keep_checkpoints)
+    def checkpoint(self) -> None:
+        self.run_dir.save({
+            "model": self.vae.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "disc": self.disc.state_dict() if self.disc is not None else {},
+            "disc_optimizer": self.disc_opt.state_dict() if self.disc_opt is not None else {},
+            "step": self.step, "skipped": self.guard.total, "guard": self.guard.state_dict(),
+            "rng": rng_state(self.generator), "recipe": self.recipe, "meta": self.meta, "version": __version__,
+            **({"vq_restarts": self.restarts.state_dict()} if self.restarts is not None else {}),
+        }, self.step, self.tc.keep_checkpoints)
 
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    data = batches(dataset, tc, cfg.seed, step, device)  # starts at micro-batch step * grad_accum
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train-tokenizer", dynamic_ncols=True)
-    t_last, seen, last = time.perf_counter(), 0, {}
-    vae.train()
-    with StopRequested() as stop, bar, closing(data):  # bar: its line ends before an error; closing: the workers
-        while step < tc.steps and stop.signal is None:
-            lr = lr_at(step, tc, peak_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            gan = disc is not None and step >= lc.disc_start
-            if disc is not None:
-                disc.requires_grad_(False)  # the generator's loss must not leave gradients in the discriminator
-            total, parts_sum, d_total = 0.0, {}, 0.0
-            recons, codes = [], []
-            for _ in range(tc.grad_accum):
-                images, _ = next(data)
-                images = dataset.augment(images, generator)
-                with amp:
-                    loss, parts = losses.generator_loss(vae, disc, images, generator, gan)  # disc frozen here
-                (loss / tc.grad_accum).backward()
-                total += float(loss.detach()) / tc.grad_accum
-                recons.append((images, parts.pop("recon")))
-                if "codes" in parts:  # VQ: this micro-batch's encoder outputs and picked codes
-                    codes.append(parts.pop("codes"))
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
-                seen += images.shape[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
-            ok = guard.check(step + 1, total, grad_norm)  # a non-finite step is skipped, counted and reported
-            if ok:
-                opt.step()
-                ema_update(ema, vae, ema_decay_at(step, tc))
-                if restarts is not None:
-                    parts_sum["restarted"] = restarts.update(step, codes, (vae, ema), opt, generator)
-            opt.zero_grad(set_to_none=True)
-            if gan and ok:  # the discriminator learns from this step's reconstructions (LDM's second optimizer)
-                disc.requires_grad_(True)
-                for group in disc_opt.param_groups:
-                    group["lr"] = lc.disc_lr or lr
-                for images, recon in recons:
-                    with amp:
-                        d_loss = losses.discriminator_loss(disc, images, recon) / tc.grad_accum
-                    d_loss.backward()
-                    d_total += float(d_loss.detach())
-                disc_opt.step()
-                disc_opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if guard.diverged():
-                raise guard.stop(step, run.verified)
+    def loop(self) -> int | None:
+        """Train to ``train.steps``; returns the signal that stopped it, or None."""
+        tc = self.tc
+        self.amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None \
+            else nullcontext()
+        data = batches(self.dataset, tc, self.cfg.seed, self.step, self.device)  # from micro-batch step * accum
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, desc="train-tokenizer",
+                   dynamic_ncols=True)
+        self.t_last, self.seen = time.perf_counter(), 0
+        self.vae.train()
+        with StopRequested() as stop, bar, closing(data):  # bar: its line ends before an error; closing: workers
+            while self.step < tc.steps and stop.signal is None:
+                self.one_step(data)
+                bar.update(1)
+                if self.guard.diverged():
+                    raise self.guard.stop(self.step, self.run_dir.verified)
+                self.log(bar)
+                if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                    self.checkpoint()
+                if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
+                    _reconstruction_grid(self.ema, self.dataset, self.device, self.cfg.seed,
+                                         self.run_dir.samples_dir / f"step_{self.step:07d}.png")
+            bar.close()
+            self.checkpoint()
+            return stop.signal
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                last = {"step": step, "loss": total, **{k: round(v, 6) for k, v in parts_sum.items()},
-                        **({"d_loss": d_total} if gan else {}), "lr": lr, "grad_norm": float(grad_norm),
-                        "img_per_s": seen / max(now - t_last, 1e-9), "skipped": guard.total}
-                run.append_metrics(last)
-                bar.set_postfix(l1=f"{parts_sum.get('l1', 0):.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.0f}")
-                t_last, seen = now, 0
-            if step % tc.ckpt_every == 0 and step < tc.steps:
-                checkpoint()
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-                _reconstruction_grid(ema, dataset, device, cfg.seed, run.samples_dir / f"step_{step:07d}.png")
-        bar.close()
-        checkpoint()
-        if stop.signal is not None:
-            print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in {run.ckpt_dir}")
-            return {"step": step, "stopped": True, "run_dir": str(run.root)}
-    return {"step": step, "run_dir": str(run.root), **export(ema, dataset, run, device, cfg.seed)}
+    def one_step(self, data) -> None:
+        """One optimizer step of the autoencoder (the discriminator frozen), then, once it has joined, one of
+        the discriminator on this step's reconstructions (LDM's second optimizer)."""
+        tc, lc = self.tc, self.lc
+        self.lr = lr = lr_at(self.step, tc, self.peak_lr)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.gan = gan = self.disc is not None and self.step >= lc.disc_start
+        if self.disc is not None:
+            self.disc.requires_grad_(False)  # the generator's loss must not leave gradients in the discriminator
+        total, parts_sum, recons, codes = 0.0, {}, [], []
+        for _ in range(tc.grad_accum):
+            images, _ = next(data)
+            images = self.dataset.augment(images, self.generator)
+            with self.amp:
+                loss, parts = self.losses.generator_loss(self.vae, self.disc, images, self.generator, gan)
+            (loss / tc.grad_accum).backward()
+            total += float(loss.detach()) / tc.grad_accum
+            recons.append((images, parts.pop("recon")))
+            if "codes" in parts:  # VQ: this micro-batch's encoder outputs and picked codes
+                codes.append(parts.pop("codes"))
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
+            self.seen += images.shape[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+        ok = self.guard.check(self.step + 1, total, grad_norm)  # a non-finite step is skipped, counted, reported
+        if ok:
+            self.opt.step()
+            ema_update(self.ema, self.vae, ema_decay_at(self.step, tc))
+            if self.restarts is not None:
+                parts_sum["restarted"] = self.restarts.update(self.step, codes, (self.vae, self.ema), self.opt,
+                                                              self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        self.d_total = self.discriminator_step(recons, lr) if gan and ok else 0.0
+        self.total, self.parts_sum, self.grad_norm = total, parts_sum, grad_norm
+        self.step += 1
+
+    def discriminator_step(self, recons: list, lr: float) -> float:
+        """The discriminator learns from this step's (images, reconstructions); returns its loss."""
+        self.disc.requires_grad_(True)
+        for group in self.disc_opt.param_groups:
+            group["lr"] = self.lc.disc_lr or lr
+        d_total = 0.0
+        for images, recon in recons:
+            with self.amp:
+                d_loss = self.losses.discriminator_loss(self.disc, images, recon) / self.tc.grad_accum
+            d_loss.backward()
+            d_total += float(d_loss.detach())
+        self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+        return d_total
+
+    def log(self, bar) -> None:
+        """A metrics line every ``log_every`` steps and at the last."""
+        if not (self.step % self.tc.log_every == 0 or self.step == self.tc.steps):
+            return
+        now = time.perf_counter()
+        last = {"step": self.step, "loss": self.total, **{k: round(v, 6) for k, v in self.parts_sum.items()},
+                **({"d_loss": self.d_total} if self.gan else {}), "lr": self.lr, "grad_norm": float(self.grad_norm),
+                "img_per_s": self.seen / max(now - self.t_last, 1e-9), "skipped": self.guard.total}
+        self.run_dir.append_metrics(last)
+        bar.set_postfix(l1=f"{self.parts_sum.get('l1', 0):.4f}", lr=f"{self.lr:.2e}", img_s=f"{last['img_per_s']:.0f}")
+        self.t_last, self.seen = now, 0
 
 
 # --------------------------------------------------------------------------------------
