@@ -248,10 +248,11 @@ print(code, torch.get_num_threads(), os.environ.get("GOMP_SPINCOUNT"))
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({}, "0 1 10000"),  # the free cores, a short spin
+    ({}, f"0 {len(os.sched_getaffinity(0))} 10000"),  # every core whatever the load (reproducible), a short spin
+    ({"SANDBOX_THREADS": "auto"}, "0 1 10000"),  # asked for: the free cores
     ({"OMP_NUM_THREADS": "2"}, "0 2 10000"),  # the user's choice
     ({"SANDBOX_THREADS": "2", "OMP_NUM_THREADS": "1"}, "0 2 10000"),  # the sandbox's own variable first
-    ({"OMP_WAIT_POLICY": "PASSIVE"}, "0 1 None"),  # a wait policy set by the user stays
+    ({"OMP_WAIT_POLICY": "PASSIVE", "SANDBOX_THREADS": "auto"}, "0 1 None"),  # a wait policy set by the user stays
 ])
 def test_the_command_line_sets_threads_and_spin_before_torch_starts(env, expected):
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SANDBOX_THREADS", "GOMP_SPINCOUNT",
@@ -265,7 +266,7 @@ def test_bad_sandbox_threads_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "sandbox", "plugins"], check=False, cwd=REPO, capture_output=True,
                           text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), "SANDBOX_THREADS": "many"}, timeout=HANG)
-    assert proc.returncode == 2 and proc.stderr == "error: SANDBOX_THREADS must be a whole number >= 1, got 'many'\n"
+    assert proc.returncode == 2 and proc.stderr == "error: SANDBOX_THREADS must be a whole number >= 1 or auto, got 'many'\n"
 
 
 def test_a_session_that_imported_torch_keeps_its_threads(sandbox_cli):

@@ -5,14 +5,18 @@ process holds one of the cores, the thread that shares it runs only in the sched
 spin-wait for it on their own cores: on the 2-core CPU a quickstart step went from 0.33 to 2.3 s (measured, with
 the other candidates, in docs/performance.md "A shared CPU"). So the command line, before it imports torch:
 
-- takes as many threads as there are cores left free at start (the command's CPU affinity, minus what other
-  processes used over a short look at ``/proc/stat``): a machine already busy costs no crawl at all;
-- shortens libgomp's spin before a waiting thread sleeps (``GOMP_SPINCOUNT``), so a process that becomes busy
-  later costs a third of the speed rather than seven eighths, at a few percent when the machine is free.
+- shortens libgomp's spin before a waiting thread sleeps (``GOMP_SPINCOUNT``), so a busy neighbour costs a
+  third of the speed rather than seven eighths, at a few percent when the machine is free;
+- keeps one thread per core of its CPU affinity, whatever the load: float reductions split over threads round
+  differently, so a thread count chosen from the load at start would make a seed's result (and the bitwise
+  exact resume) depend on what else ran. ``SANDBOX_THREADS=auto`` takes only the cores left free at start (the
+  affinity minus what other processes used over a short look at ``/proc/stat``): no crawl at all beside a
+  process that is already busy, for runs that need not repeat bit for bit.
 
 Both are read by the OpenMP runtime when torch loads it: set later, they do nothing. So they apply to the
 ``sandbox`` command only, never to a Python session that imported torch already. An explicit choice wins:
-``SANDBOX_THREADS=N``, else ``OMP_NUM_THREADS``; ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` keep the wait as set.
+``SANDBOX_THREADS=N|auto``, else ``OMP_NUM_THREADS``; ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` keep the wait as
+set.
 """
 from __future__ import annotations
 
@@ -33,12 +37,12 @@ def share_cpu(environ=os.environ) -> None:
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
         environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     wanted = environ.get("SANDBOX_THREADS", "").strip()
-    if wanted:
-        if not wanted.isdigit() or int(wanted) < 1:
-            raise UserError(f"SANDBOX_THREADS must be a whole number >= 1, got {wanted!r}")
-        environ["OMP_NUM_THREADS"] = wanted
-    elif "OMP_NUM_THREADS" not in environ:
+    if wanted == "auto":
         environ["OMP_NUM_THREADS"] = str(free_cores())
+    elif wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise UserError(f"SANDBOX_THREADS must be a whole number >= 1 or auto, got {wanted!r}")
+        environ["OMP_NUM_THREADS"] = wanted
 
 
 def free_cores(look_s: float = LOOK_S) -> int:
