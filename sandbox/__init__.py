@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> the module that defines it; imported on first use, so `import sandbox` (and the CLI) stays light
 _API = {
