@@ -240,7 +240,9 @@ def test_sigkill_at_any_moment_then_resume_continues_exactly(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "sandbox", "train", "--config", recipe_file(tmp_path), "--run_dir", killed,
              "--train.steps", "100000", "--train.ckpt_every", "2", "--train.log_every", "1"],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(REPO)})
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+            # bitwise equality needs the same thread count as this process (float reductions split by threads)
+            env={**os.environ, "PYTHONPATH": str(REPO), "SANDBOX_THREADS": str(torch.get_num_threads())})
         fourth, deadline = killed / "checkpoints" / "checkpoint-4.pt", time.monotonic() + 120
         while not fourth.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)

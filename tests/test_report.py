@@ -24,7 +24,16 @@ from PIL import Image
 
 from sandbox.eval.report import fmt, read_scores, read_sweeps
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny runs: one thread (restored after, so later tests run with the process's own count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 ALPHA_EVAL = {"run_dir": "alpha", "step": 4, "num_images": 50, "accuracy": 0.42, "frechet_distance": 123.456,
               "real_accuracy": 0.9916, "real_frechet_floor": 44.27, "num_reference": 896}
