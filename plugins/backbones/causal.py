@@ -23,6 +23,9 @@ the step's queries see the cache, not each other. Classifier-free guidance doubl
 conditional and the unconditional rows keep their own caches. ``use_cache: false`` recomputes every step from
 scratch (``forward`` with the reveal order), the reference the cache is tested against.
 
+Tokens known at the start (editing) are fed first, in sequence order: one more order for a random-order model,
+an unseen one for a raster model unless they are a raster prefix.
+
 What it reads of an ordering: ``generation_order`` (training), the sampling plan (which positions each step
 predicts), and from ``step_inputs`` only what is known. An ordering whose ``step_inputs`` shows guesses at
 positions not yet known (a coarse-to-fine pyramid shows the upsampled coarser scale) is refused: the causal
