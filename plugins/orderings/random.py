@@ -60,6 +60,12 @@ class RandomOrdering(Ordering):
         hidden.scatter_(1, orders[:, :num_masked], True)  # (B, L)
         return TrainingSplit(inputs=seq, visible=~hidden, weight=hidden.to(seq.dtype))
 
+    def generation_order(self, batch: int, generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu") -> Tensor:
+        """(B, L): a fresh random permutation per row, what a causal backbone trains on (MAR Table 1's "random
+        order, causal" row: every order is as likely as the sampling plan's)."""
+        return random_orders(batch, self.seq_len, generator, device)
+
     def sampling_plan(self, batch: int, num_iter: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu", known: Tensor | None = None) -> list[SampleStep]:
         """Cosine counts over the unknown positions, revealed in a random order of them.

@@ -52,6 +52,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--sample_batch_size", type=int, default=64, help="Images per sampling call (0 skips sampling).")
     p.add_argument("--sample_batches", type=int, default=1, help="Timed sampling calls.")
     p.add_argument("--num_iter", type=int | None, default=None, help="Sampling steps (default: recipe's, else 64).")
+    p.add_argument("--num_iter_sweep", type=list[int] | None, default=None,
+                   help="Also time sampling at each of these step counts, e.g. [8,16,32,64]: images/s against "
+                        "steps (the MAR paper's Fig. 6; .ci/measure_speed.sh draws it).")
+    p.add_argument("--backbone", type=str | None, default=None,
+                   help="A backbone class (e.g. CausalBackbone) in place of the recipe's or the official config's, "
+                        "at the same model settings (random weights).")
+    p.add_argument("--backbone_args", type=dict | None, default=None,
+                   help="Its init_args, e.g. '{use_cache: false}' (with --backbone).")
     p.add_argument("--num_sampling_steps", type=int | None, default=None,
                    help="Diffusion steps per token (default: the recipe's head / the official config's).")
     p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's, else 1.0).")
@@ -240,6 +248,8 @@ def _official_parts(cfg: Namespace, device):
     if cfg.grad_checkpointing is not None:
         model.config.grad_checkpointing = cfg.grad_checkpointing
     ordering = RandomOrdering(geo["grid"], mask_ratio_min=official.get("mask_ratio_min", 0.7))
+    if cfg.backbone is not None:
+        model.backbone = _other_backbone(cfg, model, ordering, geo["token_dim"])
     info = {"source": cfg.official_config, "official": dict(official)}
     return model, ordering, geo["token_dim"], geo["num_classes"], info, "auto", steps, None
 
@@ -256,6 +266,8 @@ def _recipe_parts(cfg: Namespace, device):
     # num_sampling_steps when it is given
     overrides = [] if cfg.num_sampling_steps is None else ["--head.init_args.num_sampling_steps",
                                                             str(cfg.num_sampling_steps)]
+    if cfg.backbone is not None:
+        overrides += ["--backbone", json.dumps({"class_path": cfg.backbone, "init_args": cfg.backbone_args or {}})]
     if cfg.grad_checkpointing is not None:  # the transformer's and the head's (a head without it: one error line)
         flag = str(cfg.grad_checkpointing).lower()
         overrides += ["--model.grad_checkpointing", flag, "--head.init_args.grad_checkpointing", flag]
@@ -282,8 +294,12 @@ def run(cfg: Namespace) -> None:
             raise UserError(f"--{name} must be >= 0")
     try:  # before the model is built; 0 is an error, not "the recipe's"
         check_sampling({name: cfg[name] for name in ("num_iter", "cfg", "temperature") if cfg[name] is not None}, "--")
+        for n in cfg.num_iter_sweep or []:
+            check_sampling({"num_iter": n}, "--num_iter_sweep: ")
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.backbone_args and cfg.backbone is None:
+        raise UserError("--backbone_args needs --backbone (the class they are for)")
     device = resolve_device(cfg.device)
     build_parts = _official_parts if cfg.official_config else _recipe_parts
     model, ordering, token_dim, num_classes, info, precision, diffusion_steps, recipe_cfgs = build_parts(cfg, device)
@@ -299,6 +315,7 @@ def run(cfg: Namespace) -> None:
         "torch": torch.__version__,
         "config": {
             **info, "params": sum(p.numel() for p in model.parameters()), "seq_len": ordering.seq_len,
+            "backbone": type(model.backbone).__name__,
             "token_dim": token_dim, "encoder": [tr.config.encoder_dim, tr.config.encoder_depth],
             "decoder": [tr.config.decoder_dim, tr.config.decoder_depth], "batch_size": cfg.batch_size,
             "steps": cfg.steps, "sample_batch_size": cfg.sample_batch_size, "num_sampling_steps": diffusion_steps,
@@ -315,6 +332,10 @@ def run(cfg: Namespace) -> None:
     if cfg.sample_batch_size > 0 and cfg.sample_batches > 0:
         result["sample"] = _bench_sampling(model, ordering, token_dim, num_classes, cfg, bench, memory, device, gen,
                                            profiles)
+        for n in cfg.num_iter_sweep or []:  # images/s against steps (Fig. 6); warm already
+            step = _bench_sampling(model, ordering, token_dim, num_classes, cfg, {**bench, "num_iter": n}, memory,
+                                   device, gen, None, warm=True)
+            result.setdefault("sample_sweep", []).append({"num_iter": n, **step})
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if cfg.json:
@@ -323,6 +344,25 @@ def run(cfg: Namespace) -> None:
         atomic_write_bytes(Path(cfg.json), text.encode())
     if cfg.profile:
         write_profiles(cfg.profile, profiles)
+
+
+def _other_backbone(cfg: Namespace, model, ordering, token_dim: int):
+    """``--backbone`` for an official configuration: that class at the official model settings, random weights."""
+    from sandbox.config import registry
+
+    found = {**registry.plugins("backbone"), **{c.__module__ + "." + c.__name__: c
+                                               for c in registry.plugins("backbone").values()}}
+    if cfg.backbone not in found:
+        raise UserError(f"--backbone {cfg.backbone!r} is not a registered backbone; `sandbox plugins` lists them")
+    backbone = found[cfg.backbone](model.config, ordering.seq_len, token_dim, ordering.num_groups,
+                                   **(cfg.backbone_args or {}))
+    if (backbone.cond_width, backbone.out_dim) != (model.condition.width, model.head.cond_dim):
+        raise UserError(f"backbone {cfg.backbone} reads {backbone.cond_width}-wide conditions and gives "
+                        f"{backbone.out_dim}-wide ones; the official model's condition and head need "
+                        f"{model.condition.width} and {model.head.cond_dim}")
+    backbone.check_ordering(ordering)
+    backbone.set_groups(ordering.groups())
+    return backbone
 
 
 def _settings(cfg: Namespace, sc, tc, precision: str, device) -> dict:
@@ -384,7 +424,7 @@ def _bench_training(model, ordering, token_dim: int, num_classes: int, cfg: Name
     labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device, generator=gen)
 
     def loss():
-        split = ordering.training_split(seq, gen)
+        split = model.backbone.training_split(ordering, seq, gen)
         with _amp(bench, device):
             return model(seq, split, labels, gen)
 
@@ -395,7 +435,7 @@ def _bench_training(model, ordering, token_dim: int, num_classes: int, cfg: Name
 
 
 def _bench_sampling(model, ordering, token_dim: int, num_classes: int, cfg: Namespace, bench: dict, memory,
-                    device, gen, profiles) -> dict:
+                    device, gen, profiles, warm: bool = False) -> dict:
     """Sampling calls of ``sample_batch_size`` images, stopping at tokens (no tokenizer decode)."""
     from sandbox.core.sampling import sample_tokens
     from sandbox.eval.samples import balanced_labels
@@ -409,6 +449,6 @@ def _bench_sampling(model, ordering, token_dim: int, num_classes: int, cfg: Name
         sample_tokens(model, ordering, token_dim, labels[:n], generator=gen, num_iter=num_iter, **kwargs)
 
     # an untimed first call for one-time work: compiling, cached step embeddings, the allocator
-    warmup = cfg.warmup > 0 or bench["compile_sampling"] or bench["compile"]
+    warmup = not warm and (cfg.warmup > 0 or bench["compile_sampling"] or bench["compile"])
     return time_sampling(lambda: sample(cfg.sample_batch_size, bench["num_iter"]), cfg.sample_batch_size,
                          cfg.sample_batches, (lambda: sample(2, 2)) if warmup else None, memory, device, profiles)

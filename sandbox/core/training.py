@@ -28,7 +28,7 @@ def training_loss(exp, model: nn.Module, items: Tensor, labels: Tensor, generato
     with torch.no_grad():
         latent = exp.dataset.latents(items, exp.tokenizer, generator)  # (B, c, h*p, w*p)
         seq = exp.ordering.to_sequence(exp.tokenizer.to_tokens(latent))  # (B, L, C)
-        split = exp.ordering.training_split(seq, generator)
+        split = exp.model.backbone.training_split(exp.ordering, seq, generator)  # the ordering's, or teacher forcing
         check_split(exp.ordering, split, seq)
     return model(seq, split, labels, generator)
 

@@ -77,6 +77,21 @@ class MARConfig:
             raise ValueError(f"model.attention must be sdpa or xformers, got {self.attention!r}")
 
 
+def condition_buffer(cond: ConditionTokens, size: int, owner: str) -> tuple[Tensor, Tensor | None]:
+    """Condition tokens in ``size`` slots: (B, size, W) tokens and a (B, size) key mask (None: every slot is real).
+    One condition token fills every slot (MAR's class embedding); T tokens fill the first T slots, the rest are
+    padding to keep out of attention. ``owner`` names the slots in the error (e.g. "the MAR buffer")."""
+    B, T, D = cond.tokens.shape
+    if T == 1:
+        return cond.tokens.expand(-1, size, -1), None  # (B, size, W)
+    if T > size:
+        raise UserError(f"the condition gives {T} tokens but {owner} holds {size}; raise "
+                        f"model.buffer_size to at least {T}")
+    mask = cond.mask if cond.mask is not None else cond.tokens.new_ones(B, T, dtype=torch.bool)
+    pad = cond.tokens.new_zeros(B, size - T, D)
+    return torch.cat([cond.tokens, pad], 1), torch.cat([mask, mask.new_zeros(B, size - T)], 1)
+
+
 class MARBackbone(Backbone):
     """MAR: a bidirectional encoder-decoder that turns partly visible token sequences into per-position conditions."""
 
@@ -146,17 +161,8 @@ class MARBackbone(Backbone):
 
     # ----------------------------------------------------------------------------------
     def buffer(self, cond: ConditionTokens) -> tuple[Tensor, Tensor | None]:
-        """The condition in the buffer: (B, buf, D) tokens and a (B, buf) key mask (None: every slot is real).
-        One condition token fills every slot (MAR's class embedding); T tokens fill the first T slots."""
-        buf, (B, T, D) = self.config.buffer_size, cond.tokens.shape
-        if T == 1:
-            return cond.tokens.expand(-1, buf, -1), None  # (B, buf, D)
-        if T > buf:
-            raise UserError(f"the condition gives {T} tokens but the MAR buffer holds {buf}; raise "
-                            f"model.buffer_size to at least {T}")
-        mask = cond.mask if cond.mask is not None else cond.tokens.new_ones(B, T, dtype=torch.bool)
-        pad = cond.tokens.new_zeros(B, buf - T, D)
-        return torch.cat([cond.tokens, pad], 1), torch.cat([mask, mask.new_zeros(B, buf - T)], 1)
+        """The condition in the buffer: (B, buf, D) tokens and a (B, buf) key mask (None: every slot is real)."""
+        return condition_buffer(cond, self.config.buffer_size, "the MAR buffer")
 
     def repeated_blocks(self) -> list[nn.Module]:
         """What ``torch.compile`` compiles one by one (``sandbox.fast.compile``)."""

@@ -1,0 +1,1 @@
+"""Built-in backbone plugins besides MAR's own (sandbox/core/transformer.py): one file per backbone."""
