@@ -298,3 +298,29 @@ def test_the_contract_kit_refuses_positions_a_coarse_view_does_not_determine():
     with pytest.raises(ContractError, match=re.escape("coarse_known()[(2, 2)]: two grids with the same means")):
         check_ordering(_ClaimsTooMuch, grid=(8, 8))
     assert set(MultiscaleOrdering((16, 16), scales=[1, 2, 3, 4, 8, 16]).coarse_known()) == {(1, 1), (2, 2)}
+
+
+# --------------------------------------------------------------------------------------
+# The measurement script, at a tiny scale
+# --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_measurement_script_runs_at_a_tiny_scale(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    env = {**os.environ, "SANDBOX_TASKS_TINY": "1", "SEEDS": "0 1", "SANDBOX_THREADS": "1"}
+    res = subprocess.run([str(REPO / ".ci" / "measure_tasks.sh"), str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=900, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results) == [f"{t}/seed{s}" for t in ("classedit", "inpaint", "superres") for s in (0, 1)]
+    page = (tmp_path / "tasks.md").read_text()
+    for words in ("**Inpainting**", "**Class-guided editing**", "**Super-resolution** 4x4 -> 16x16", " +- ",
+                  "bicubic upsampling", "![inpainting (bottom half)](tasks_inpaint.png)", "TINY"):
+        assert words in page
+    for stem in ("inpaint", "outpaint", "classedit", "variations", "superres"):
+        assert Image.open(tmp_path / f"tasks_{stem}.png").size == (3 * 64 + 4, 10 * 65 + 1)  # 10 digits, 3 columns
+    assert Image.open(tmp_path / "tasks_inpaint.gif").n_frames == 5  # the known half, then 4 steps

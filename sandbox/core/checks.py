@@ -182,7 +182,7 @@ def check_known_prefix(backbone, known: Tensor, ordering) -> None:
     (B, L) must be the first k positions of the ordering's fixed ``generation_order`` in every row. An order
     that differs between two generator seeds is drawn per image (trained on every permutation), so any known
     set can come first: accepted. Otherwise one error line naming both plugins."""
-    B, L = known.shape
+    B = known.shape[0]
     if not bool(known.any()) or bool(known.all()):
         return
     order = ordering.generation_order(B, torch.Generator().manual_seed(0))  # (B, L)
