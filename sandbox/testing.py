@@ -29,6 +29,7 @@ import numbers
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sandbox.core.checks import shape_of
@@ -213,6 +214,7 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
     sampling plans that predict every position exactly once with non-decreasing progress; all seeded;
     plans with a ``known`` mask that predict exactly the unknown positions (nothing known: the plain plan,
     everything known: no step, uneven rows: ValueError); ``known_from_grid`` of an all-True / all-False grid;
+    ``coarse_known`` (super-resolution) fixes positions that depend only on the grid's block means at its sizes;
     ``preview`` (animations) shows no cell when nothing is known and the decoded grid when everything is."""
     o = _build(factory, Ordering, "ordering", init_args, tuple(grid))
     c = _Check(factory, "ordering")
@@ -236,6 +238,7 @@ def check_ordering(factory, grid: tuple[int, int] = (4, 4), batch: int = 3, toke
         _check_plan(o, c, batch, L, token_dim, num_iter)
         _check_known_plans(o, c, batch, num_iter, groups)
     _check_known_from_grid(o, c, batch, grid)
+    _check_coarse_known(o, c, batch, grid, token_dim)
     _check_preview(o, c, seq, back, batch, L, grid)
 
 
@@ -616,12 +619,42 @@ def _check_tokens(c: _Check, call: str, out, batch: int, width: int) -> None:
         c.expect(bool(out.mask.any(1).all()), f"{call}.mask leaves a row without a real token")
 
 
+def _check_coarse_known(o, c: _Check, batch: int, grid: tuple[int, int], token_dim: int) -> None:
+    """coarse_known: {(h', w'): (L,) bool} with coarse sizes inside the grid, each fixing some positions and
+    leaving some to generate, a plan over the rest, and positions that depend only on the grid's means over
+    its h' x w' blocks (what a low-resolution image gives, upsampled by repetition: sandbox edit --low_res)."""
+    L, h, w = o.seq_len, *grid
+    found = c.call("coarse_known()", o.coarse_known)
+    c.expect(isinstance(found, dict), f"coarse_known() returned {type(found).__name__}; expected a dict "
+                                      "{(h', w'): (L,) bool}")
+    for size, fixed in found.items():
+        call = f"coarse_known()[{size!r}]"
+        ok = isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)
+        c.expect(ok and size[0] <= h and size[1] <= w and tuple(size) != (h, w),
+                 f"coarse_known() has the key {size!r}; expected (h', w') ints, a grid coarser than {h}x{w}")
+        c.tensor(call, fixed, (L,), "(L,)", "bool")
+        c.expect(bool(fixed.any()) and not bool(fixed.all()), f"{call} fixes {int(fixed.sum())} of {L} positions; "
+                                                             "expected some, and some left to generate")
+        _plan_with_known(o, c, batch, 3, fixed.expand(batch, L), f"coarse_known()[{size!r}]")
+        if h % size[0] or w % size[1]:
+            continue
+        a = torch.randn(batch, token_dim, h, w, generator=_gen(6))  # (B, C, h, w)
+        wiggle = torch.randn(a.shape, generator=_gen(7))
+        bh, bw = h // size[0], w // size[1]
+        wiggle = wiggle - F.avg_pool2d(wiggle, (bh, bw)).repeat_interleave(bh, 2).repeat_interleave(bw, 3)
+        diff = (o.to_sequence(a) - o.to_sequence(a + wiggle))[:, fixed]  # (B, n, C): zero block means changed
+        c.expect(diff.abs().max() < 1e-4, f"{call}: two grids with the same means over their {size[0]}x{size[1]} "
+                                          f"blocks differ at the fixed positions (max |diff| {diff.abs().max():.3g}); "
+                                          "those positions must depend only on the coarse view")
+
+
 # --------------------------------------------------------------------------------------
 # Backbone
 # --------------------------------------------------------------------------------------
 def check_backbone(factory, seq_len: int = 16, token_dim: int = 5, batch: int = 3, **init_args) -> None:
     """forward(tokens, visible, cond, query): the conditions of the queried positions (N, D) row-major, equal to
-    the full output at those positions, finite and differentiable; a generation (start_sampling, step) gives
+    the full output at those positions, finite and differentiable; check_known accepts nothing known and
+    everything known; a generation (start_sampling, step) gives
     the conditions of each step's positions, for one condition token and for several with a padding mask."""
     from sandbox.core.transformer import MARConfig
     from sandbox.plugins.orderings.random import RandomOrdering
@@ -636,6 +669,9 @@ def check_backbone(factory, seq_len: int = 16, token_dim: int = 5, batch: int = 
              f"out_dim {D!r} / cond_width {W!r}; expected positive ints (the head's cond_dim, the condition width)")
     ordering = RandomOrdering((side, side))
     c.call("check_ordering(RandomOrdering)", bb.check_ordering, ordering)
+    for value in (False, True):  # nothing known (plain sampling) and everything known work for every backbone
+        c.call(f"check_known(all {value}, RandomOrdering)", bb.check_known,
+               torch.full((batch, seq_len), value), ordering)
     seq = torch.randn(batch, seq_len, token_dim, generator=_gen(0))  # (B, L, C)
     conds = [ConditionTokens(torch.randn(batch, 1, W, generator=_gen(1))),
              ConditionTokens(torch.randn(batch, 3, W, generator=_gen(2)), torch.tensor([[1, 1, 0]] * batch).bool())]

@@ -293,6 +293,20 @@ class MultiscaleOrdering(Ordering):
         parts = [F.adaptive_max_pool2d(unknown, s) == 0 for s in self.scales]  # (B, 1, h_k, w_k) no unknown cell
         return torch.cat([p.flatten(1) for p in parts], dim=1)  # (B, L)
 
+    def coarse_known(self) -> dict[tuple[int, int], Tensor]:
+        """Scale k -> the positions of scales <= k (super-resolution: a low-resolution image gives them, the
+        finer scales are generated), for each scale k but the finest whose size divides the grid and is divided
+        by every coarser scale: then each coarser position averages whole cells of scale k's blocks, so the grid
+        seen at scale k's size determines it. A residual scale is what the coarser ones miss of the grid's
+        area-downsample to its size, so the same holds. VAR's list (1, 2, 3, 4, 5, ...) gives only 1 and 2: a
+        3x3 scale's windows straddle the blocks of the 4x4 one. The finest scale is the grid itself."""
+        L, (h, w), out = self.seq_len, self.grid, {}
+        for k, (sh, sw) in enumerate(self.scales[:-1]):
+            coarser_divide = all(sh % a == 0 and sw % b == 0 for a, b in self.scales[:k])
+            if h % sh == 0 and w % sw == 0 and coarser_divide:
+                out[(sh, sw)] = torch.arange(L) < self.offsets[k] + self.areas[k]  # (L,) scales <= k
+        return out
+
     def step_inputs(self, tokens: Tensor, known: Tensor, step: SampleStep) -> tuple[Tensor, Tensor]:
         """Fill the unknown positions of the scale being sampled with the coarse guess and show them."""
         k = int(self._groups.to(tokens.device)[step.predict.any(0)].max())

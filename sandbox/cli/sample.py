@@ -13,17 +13,21 @@ HELP = "Generate images from a trained run (.png grid or .npz images + labels)."
 ORDER = 20
 
 
-def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True) -> None:
-    """Options shared by every command that samples from a run (sample, eval, ...)."""
+LABELS_HELP = ("Class of each image, cycled, as a list: --labels '[3, 7]'; default: class-balanced 0,1,...,K-1,0,...")
+
+
+def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True, num_images: bool = True,
+                           labels_help: str = LABELS_HELP) -> None:
+    """Options shared by every command that samples from a run (sample, eval, edit, ...); ``num_images``: offer
+    --num_images (edit takes the count from its input images)."""
     p.add_argument("--config", action=ActionConfigFile)
     if run_dir_required:
         p.add_argument("--run_dir", type=str, required=True, help="A run directory written by `sandbox train`.")
     else:
         p.add_argument("--run_dir", type=str | None, default=None, help="A run directory written by `sandbox train`.")
-    p.add_argument("--num_images", type=int, default=64, help="How many images.")
-    p.add_argument("--labels", type=list[int] | None, default=None,
-                   help="Class of each image, cycled, as a list: --labels '[3, 7]'; default: class-balanced "
-                        "0,1,...,K-1,0,...")
+    if num_images:
+        p.add_argument("--num_images", type=int, default=64, help="How many images.")
+    p.add_argument("--labels", type=list[int] | None, default=None, help=labels_help)
     p.add_argument("--num_iter", type=int | None, default=None, help="Sampling steps (default: the recipe's).")
     p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's).")
     p.add_argument("--cfg_schedule", type=Optional[Literal["linear", "constant"]], default=None,

@@ -162,3 +162,41 @@ def check_visible_counts(fewest: int, most: int) -> None:
         raise UserError(f"the ordering's visible mask shows different numbers of positions in different rows "
                         f"({fewest} to {most}, with the class-token buffer); training_split and step_inputs must "
                         "show the same number in every row (sandbox.testing.check_ordering names the step)")
+
+
+# --------------------------------------------------------------------------------------
+# Known tokens at the start of a generation, for a backbone that reads them as a prefix
+# --------------------------------------------------------------------------------------
+def is_prefix(known: Tensor, order: Tensor) -> bool:
+    """Whether ``known`` (B, L) bool is, in every row, the first k positions of ``order`` ((L,) or (B, L) long:
+    the positions in generation order), with one k for all rows."""
+    B, L = known.shape
+    order = order.expand(B, L) if order.dim() == 1 else order
+    in_order = known.gather(1, order.to(known.device))  # (B, L) known, read in generation order
+    no_gap = not bool((~in_order[:, :-1] & in_order[:, 1:]).any())  # never an unknown before a known one
+    return no_gap and len(set(in_order.sum(1).tolist())) <= 1
+
+
+def check_known_prefix(backbone, known: Tensor, ordering) -> None:
+    """A backbone that continues only a known prefix (``Backbone.known_prefix_only``, a causal one): ``known``
+    (B, L) must be the first k positions of the ordering's fixed ``generation_order`` in every row. An order
+    that differs between two generator seeds is drawn per image (trained on every permutation), so any known
+    set can come first: accepted. Otherwise one error line naming both plugins."""
+    B = known.shape[0]
+    if not bool(known.any()) or bool(known.all()):
+        return
+    order = ordering.generation_order(B, torch.Generator().manual_seed(0))  # (B, L)
+    if not torch.equal(order, ordering.generation_order(B, torch.Generator().manual_seed(1))):
+        return  # drawn per image: the known tokens are one more order among those trained on
+    if is_prefix(known.cpu(), order.cpu()):
+        return
+    in_order = known.cpu().gather(1, order.cpu())  # (B, L) known, read in generation order
+    gaps = (~in_order[:, :-1] & in_order[:, 1:]).any(1)  # (B,) rows with an unknown step before a known one
+    gap = int((~in_order[gaps]).long().argmax(1).min()) if bool(gaps.any()) else None  # the earliest such step
+    where = (f"step {gap} of the order is unknown but a later one is known" if gap is not None else
+             f"the rows keep prefixes of different lengths ({sorted(set(in_order.sum(1).tolist()))})")
+    raise UserError(
+        f"backbone {type(backbone).__name__} continues a generation only from known tokens that come first in "
+        f"ordering {type(ordering).__name__}'s fixed generation order (its first k positions, one k in every row); "
+        f"here {where}: keep a prefix of the order (for a "
+        "row-major order, whole token rows from the top) or use a bidirectional backbone")

@@ -35,7 +35,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from sandbox.core.checks import check_images
+from sandbox.core.checks import check_images, check_known_prefix
 from sandbox.errors import UserError
 
 __all__ = ["Tokenizer", "Ordering", "Condition", "Backbone", "Head", "Dataset", "TrainingSplit", "SampleStep",
@@ -236,6 +236,13 @@ class Ordering:
         """
         return rearrange(grid_known, "b h w -> b (h w)")
 
+    def coarse_known(self) -> dict[tuple[int, int], Tensor]:
+        """What a coarse view of the token grid fixes (super-resolution): {(h', w'): (L,) bool} -- the positions
+        that a grid known only at h' x w' cells (a low-resolution image) determines. Default: none, {} (a flat
+        grid has no position that a coarser grid determines). A coarse-to-fine pyramid maps each scale but the
+        finest to the positions of that scale and the coarser ones."""
+        return {}
+
     def generation_order(self, batch: int, generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> Tensor:
         """(B, L) long: each row a permutation of the positions, the order in which they are generated one at a
@@ -357,6 +364,9 @@ class Backbone(nn.Module):
     out_dim: int = 0  # D: the width of the conditions it gives the head
     cond_width: int = 0  # W: the width of the condition tokens it reads
     one_token_per_step: bool = False  # True: every sampling step must predict exactly one position
+    # True: a generation can only continue known tokens that come first in the ordering's generation order (a
+    # causal backbone reads the known tokens as a prefix); False: any known set (a bidirectional one sees them all)
+    known_prefix_only: bool = False
 
     def __init__(self, model, seq_len: int, token_dim: int, num_groups: int = 1):
         super().__init__()
@@ -380,6 +390,14 @@ class Backbone(nn.Module):
 
     def check_ordering(self, ordering: "Ordering") -> None:
         """Raise UserError when this backbone cannot work with ``ordering`` (default: any ordering)."""
+
+    def check_known(self, known: Tensor, ordering: "Ordering") -> None:
+        """Raise UserError when a generation cannot start from the tokens ``known`` (B, L) bool marks (editing:
+        inpainting, outpainting, variations, super-resolution). Default: any known set; with ``known_prefix_only``
+        only the first k positions of the ordering's ``generation_order``, one k for every row, unless that order
+        is drawn per image (a random order: the known tokens can come first in one of its orders)."""
+        if self.known_prefix_only:
+            check_known_prefix(self, known, ordering)
 
     def set_groups(self, groups: Tensor) -> None:
         """Take the ordering's (L,) position groups (e.g. scales); ignored by default."""

@@ -67,6 +67,8 @@ def sample_tokens(
     sampler = model.backbone.start_sampling(model.conditions(to_device(labels, device), B, guided=guided))
     tokens = torch.zeros(B, L, C, device=device) if start is None else start[0].to(device, torch.float32).clone()
     known = torch.zeros(B, L, dtype=torch.bool, device=device) if start is None else start[1].to(device).clone()
+    if start is not None:
+        model.backbone.check_known(known, ordering)  # e.g. a causal backbone continues only a known prefix
     plan = ordering.sampling_plan(B, num_iter, generator, device, **({} if start is None else {"known": known}))
     times = torch.zeros(B, L, dtype=torch.int32, device=device)  # (B, L) predictions per position
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)

@@ -33,13 +33,15 @@ def preview_images(exp, tokens: Tensor, known: Tensor) -> Tensor:
 
 class FrameRecorder:
     """An ``on_step`` callback for ``generate``/``generate_many`` that draws one frame per step of the first
-    batch (``generate_many`` restarts the step index at every batch), laid out one row per class."""
+    batch (``generate_many`` restarts the step index at every batch), laid out one row per class; ``start``
+    adds the known tokens of an edit as the first frame."""
 
     def __init__(self, exp, labels: Tensor):
         self.exp, self.labels = exp, labels.cpu()
         self.frames: list[np.ndarray] = []
         self.count = 0  # images in the animated batch
         self._batch = -1
+        self._start = 0  # 1 when the first frame shows the known tokens before any step (``start``)
 
     def __call__(self, state: StepState) -> None:
         if state.index == 0:
@@ -50,9 +52,18 @@ class FrameRecorder:
         self.count = images.shape[0]
         self.frames.append(class_grid(images, self.labels[: images.shape[0]]))
 
+    def start(self, tokens: Tensor, known: Tensor) -> None:
+        """The frame before the first step, when a generation starts from known tokens (editing): what is
+        given shows from the start."""
+        images = preview_images(self.exp, tokens, known)
+        self.frames.append(class_grid(images, self.labels[: images.shape[0]]))
+        self._start = 1
+
     def captioned(self) -> list[np.ndarray]:
-        """The frames with a "step i/n" caption and progress bar below each (every frame distinct)."""
-        return [caption_frame(f, i + 1, len(self.frames)) for i, f in enumerate(self.frames)]
+        """The frames with a "step i/n" caption and progress bar below each (every frame distinct); an edit's
+        first frame, before any step, is step 0."""
+        steps = len(self.frames) - self._start
+        return [caption_frame(f, i + 1 - self._start, steps) for i, f in enumerate(self.frames)]
 
 
 def caption_frame(frame: np.ndarray, step: int, total: int) -> np.ndarray:
@@ -62,6 +73,7 @@ def caption_frame(frame: np.ndarray, step: int, total: int) -> np.ndarray:
     h, w, _ = frame.shape
     strip = Image.new("RGB", (w, CAPTION_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    draw.rectangle((0, 0, round(w * step / total) - 1, CAPTION_HEIGHT - 1), fill=(170, 200, 235))
+    if step > 0:  # step 0 (an edit's start): an empty bar
+        draw.rectangle((0, 0, round(w * step / total) - 1, CAPTION_HEIGHT - 1), fill=(170, 200, 235))
     draw.text((2, 1), f"{step}/{total}" if w < 80 else f"step {step}/{total}", fill=(0, 0, 0))
     return np.concatenate([frame, np.asarray(strip)], axis=0)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sandbox.core.checks import is_prefix
 from sandbox.errors import UserError
 
 __all__ = ["PixelMask", "parse_mask", "token_known", "known_positions", "token_pixels", "composite", "is_prefix",
@@ -241,18 +242,9 @@ def composite(original: Tensor, generated: Tensor, generate: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 # Causal backbones: what a known mask can mean for them
 # --------------------------------------------------------------------------------------
-def is_prefix(known: Tensor, order: Tensor) -> bool:
-    """Whether ``known`` (B, L) bool is, in every row, the first k positions of ``order`` ((L,) or (B, L) long:
-    the positions in generation order), with one k for all rows.
-
-    A causal (decoder-only) backbone predicts one token per step in the ordering's order, each conditioned
-    on the tokens before it, so it can only continue a known prefix: in raster order the known region must
-    be the first rows (and the start of the next row) -- a ``bottom:`` mask aligned to tokens; a
-    coarse-to-fine order supports known coarse scales (super-resolution); a random-order model can put
-    any known set first, since its order is drawn per image. Anything else is refused with one line.
-    """
-    B, L = known.shape
-    order = order.expand(B, L) if order.dim() == 1 else order
-    in_order = known.gather(1, order.to(known.device))  # (B, L) known, read in generation order
-    no_gap = not bool((~in_order[:, :-1] & in_order[:, 1:]).any())  # never an unknown before a known one
-    return no_gap and len(set(in_order.sum(1).tolist())) <= 1
+# ``is_prefix`` (sandbox.core.checks) says whether a known mask is, in every row, the first k positions of a
+# generation order. A causal (decoder-only) backbone predicts one token per step in the ordering's order, each
+# conditioned on the tokens before it, so it can only continue a known prefix: in raster order the known region
+# must be the first rows (and the start of the next row) -- a ``bottom:`` mask aligned to tokens; a random-order
+# model can put any known set first, since its order is drawn per image. ``Backbone.check_known`` refuses the
+# rest with one line for a backbone that declares ``known_prefix_only``.
