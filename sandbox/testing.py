@@ -513,7 +513,7 @@ def check_head(factory, token_dim: int = 6, cond_dim: int = 16, n: int = 10, **i
 def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
     """Items are (image (3,S,S) float in [-1,1], int label in [0, num_classes)), the same on every read and
     collatable into batches; ``load(i)`` is None or ``dataset[i]``; augment keeps a batch's shape and range
-    and is seeded. A latent cache (``provides == "moments"``): augment turns items into (B,P,h,w) moments."""
+    and is seeded; ``heldout()`` is None or a dataset of the same kind. A latent cache (``provides == "moments"``): augment turns items into (B,P,h,w) moments."""
     ds = _build(dataset, Dataset, "dataset", init_args)
     c = _Check(dataset if isinstance(dataset, type) else ds, "dataset")
     size = c.call("len(dataset)", len, ds)
@@ -557,6 +557,10 @@ def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
         again = ds.augment(batch, _gen(0))
     c.expect(isinstance(out, Tensor) and isinstance(again, Tensor) and torch.equal(out, again),
              f"{aug_call} with the same generator seed gave different results; draw from `generator`")
+    held = c.call("heldout()", ds.heldout)
+    c.expect(held is None or (isinstance(held, Dataset) and len(held) > 0 and held.image_size == S
+                              and held.num_classes == K),
+             f"heldout() returned {held!r}; expected None or a non-empty Dataset of the same image_size and classes")
     if not images_:
         c.expect(out.ndim == 4 and out.shape[0] == len(items), f"{aug_call} has shape {shape_of(out)}; expected "
                                                                f"moments (B, P, h, w) with B = {len(items)}")

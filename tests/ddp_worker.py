@@ -1,8 +1,8 @@
 """One rank of the 2-process run in test_distributed.py (started by torchrun; gloo on the CPU).
 
 Trains the recipe through the training core, saves this rank's final parameters, then samples
-through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank, and
-the evaluation set through ``eval_samples``. Last, a
+through the CLI (`sandbox sample`) and through ``generate_distributed`` on every rank, the
+evaluation set through ``eval_samples``, a sweep and a held-out likelihood through the CLI. Last, a
 second run in which only rank 1 receives SIGTERM (at its 3rd step): both ranks must stop at the
 same step, rank 0 alone saving the checkpoint (a rank that stopped alone would deadlock the other).
 Usage: torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py RECIPE.yaml OUT_DIR
@@ -44,6 +44,11 @@ def run(recipe: str, out: Path) -> None:
         # the evaluation set (what `sandbox eval` scores): split over the ranks, gathered and written by rank 0
         got, labels, path, reused = eval_samples(exp, model, EVAL_SETTINGS, out / "ddp_eval")
         assert not reused and (got is None) == (me.rank != 0), (me.rank, got is None)
+        # a sweep and a held-out likelihood on 2 ranks: each point's images and the NLL's chunks split over them
+        few = ["--run_dir", str(out / "ddp"), "--num_images", "5", "--batch_size", "2", "--num_iter", "2"]
+        assert main(["sweep", *few, "--grid", "{cfg: [1.0, 2.0]}", "--name", "ddp"]) == 0
+        assert main(["eval", *few, "--nll", "--nll_images", "5", "--head_args", "{nll_timesteps: 3}",
+                     "--json", str(out / "ddp_nll.json")]) == 0
 
         # the preemption signal reaches rank 1 only
         loss, calls = sandbox.run.trainer.training_loss, []

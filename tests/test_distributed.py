@@ -120,6 +120,24 @@ def test_distributed_eval_set_is_the_one_process_set(runs, one_thread):
     assert np.array_equal(two.read_all(), one) and np.array_equal(two.labels, labels)
 
 
+def test_distributed_sweep_and_likelihood_are_the_one_process_ones(runs, one_thread, tmp_path):
+    import shutil
+
+    root, _ = runs  # before the resume test below continues the ddp run
+    copy = shutil.copytree(root / "ddp", tmp_path / "copy", ignore=shutil.ignore_patterns("eval", "sweeps"))
+    few = ["--run_dir", str(copy), "--num_images", "5", "--batch_size", "2", "--num_iter", "2"]
+    assert main(["sweep", *few, "--grid", "{cfg: [1.0, 2.0]}", "--name", "ddp"]) == 0
+    assert main(["eval", *few, "--nll", "--nll_images", "5", "--head_args", "{nll_timesteps: 3}"]) == 0
+
+    def read(run, name):
+        return json.loads((run / name).read_text())
+
+    two, one = read(root / "ddp", "sweeps/ddp/results.json"), read(copy, "sweeps/ddp/results.json")
+    assert [(r["point"], r["metrics"]) for r in two] == [(r["point"], r["metrics"]) for r in one] and len(one) == 2
+    assert read(root, "ddp_nll.json")["nll_bits_per_dim"] == pytest.approx(read(copy, "eval.json")["nll_bits_per_dim"],
+                                                                            rel=1e-6)
+
+
 def test_resume_a_two_rank_run_on_one_rank(runs):
     root, one_recipe = runs
     # same global batch: 4 per rank x 1 rank x 2 accumulation steps; runs after the sampling test (order-safe:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sandbox.errors import UserError
-from sandbox.plugins.datasets.digits import load_digits_tensor
+from sandbox.plugins.datasets.digits import halves, load_digits_tensor
 from sandbox.run.checkpoints import load_cached
 from sandbox.weights import cache_dir
 
@@ -146,14 +146,7 @@ class DigitsScorer:
 
     def _split(self) -> tuple[Tensor, Tensor]:
         """Indices of the reference half and the held-out half of the real digits (seeded, split per class)."""
-        g = torch.Generator().manual_seed(SEED)
-        ref, held = [], []
-        for c in range(10):
-            idx = (self.real_labels == c).nonzero()[:, 0]
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            ref.append(idx[: len(idx) // 2])
-            held.append(idx[len(idx) // 2 :])
-        return torch.cat(ref), torch.cat(held)
+        return halves(self.real_labels, SEED)
 
     def real_like(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Indices of held-out real digits with the given labels: a "perfect sample set" of the same size

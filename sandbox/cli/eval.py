@@ -1,21 +1,22 @@
 """``sandbox eval``: score a run's class-balanced samples, or a folder/.npz of images, as JSON.
 
     sandbox eval --run_dir DIR                                  # the dataset's offline score (digits), 1,000 samples
+    sandbox eval --run_dir DIR --seeds 3                        # mean and std over 3 sample sets (seeds 0, 1, 2)
+    sandbox eval --run_dir DIR --nll                            # + bits/dim of the dataset's held-out split
     sandbox eval --run_dir DIR --mode 50k --ref REF.npz         # + FID-50K, IS, precision/recall (Inception)
     sandbox eval --images SAMPLES.npz|DIR --ref REF.npz|DIR     # score images made elsewhere
 
 A run's samples are written to RUN/eval/samples-<N>-<key>.npz and reused by the next eval with the same
 settings. REF is a folder of images, an .npz of images, or an ADM-style .npz holding ``mu``/``sigma``.
+With several seeds, eval.json holds {"seeds": [one result per seed], "mean": {...}, "std": {...}}.
 """
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Literal, Optional
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 from sandbox.cli.sample import add_sampling_arguments, check_sampling_arguments
 from sandbox.errors import UserError
@@ -25,14 +26,8 @@ HELP = "Score samples: the dataset's offline score (digits) and, with --ref, FID
 ORDER = 30
 
 
-def parser() -> ArgumentParser:
-    p = ArgumentParser(exit_on_error=False, description=HELP)
-    add_sampling_arguments(p, run_dir_required=False)
-    p.set_defaults(num_images=1000, progress=False)
-    p.add_argument("--mode", type=Optional[Literal["5k", "10k", "50k"]], default=None,
-                   help="Sample 5,000, 10,000 or 50,000 images (overrides --num_images); FID-50K is the paper's.")
-    p.add_argument("--images", type=str | None, default=None,
-                   help="Score these images (folder or .npz with images/arr_0 [+ labels]) instead of sampling.")
+def add_scoring_arguments(p: ArgumentParser) -> None:
+    """Options shared by the commands that score samples (eval, sweep): the Inception metrics and seeds."""
     p.add_argument("--ref", type=str | None, default=None,
                    help="Reference for FID / precision-recall: a folder of images, an .npz of images, or an "
                         "ADM-style .npz with mu/sigma (+ arr_0 images for precision/recall).")
@@ -45,12 +40,30 @@ def parser() -> ArgumentParser:
                    help="Compute the Inception metrics (IS, and with --ref FID and precision/recall); "
                         "default: when --ref is given.")
     p.add_argument("--fidelity_batch_size", type=int, default=64, help="Images per feature-extractor batch.")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="Score N sample sets, seeds --seed, --seed + 1, ...: the mean and standard deviation of "
+                        "every score (and each seed's values).")
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(exit_on_error=False, description=HELP)
+    add_sampling_arguments(p, run_dir_required=False)
+    p.set_defaults(num_images=1000, progress=False)
+    p.add_argument("--mode", type=Optional[Literal["5k", "10k", "50k"]], default=None,
+                   help="Sample 5,000, 10,000 or 50,000 images (overrides --num_images); FID-50K is the paper's.")
+    p.add_argument("--images", type=str | None, default=None,
+                   help="Score these images (folder or .npz with images/arr_0 [+ labels]) instead of sampling.")
+    add_scoring_arguments(p)
+    p.add_argument("--nll", action=ActionYesNo(no_prefix="no_"), nargs="?", default=False,
+                   help="(--nll, or --nll true|false) Also the negative log-likelihood of the dataset's held-out split in bits per dimension, "
+                        "with a per-step table and plot in RUN/eval/ (the estimators' cost: --nll_images, "
+                        "--head_args '{nll_timesteps: 50}' for the diffusion head).")
+    p.add_argument("--nll_images", type=int, default=256,
+                   help="Held-out images for --nll (a fixed subset; 256 give a standard error ~1%% of the value).")
+    p.add_argument("--sample", type=bool, default=True,
+                   help="Sample and score images (false: with --nll, the likelihood alone).")
     p.add_argument("--json", type=str | None, default=None, help="Also write the result here (default: RUN/eval.json).")
     return p
-
-
-def _info(msg: str) -> None:
-    print(msg, file=sys.stderr)  # stdout carries only the JSON result
 
 
 def run(cfg: Namespace) -> None:
@@ -62,106 +75,103 @@ def run(cfg: Namespace) -> None:
 
 
 def _run(cfg: Namespace) -> None:
+    from sandbox.eval.scoring import check_inception, seed_list
     from sandbox.images.io import read_image_set
-    from sandbox.run.files import atomic_write_bytes
 
     if cfg.run_dir is None and cfg.images is None:
         raise UserError("give --run_dir (sample and score a run) or --images (score a folder or .npz)")
     if cfg.labels:
         raise UserError("eval sets are class-balanced (image i has class i % K); --labels is for `sandbox sample`")
     num_images = _num_images(cfg)
+    seeds = seed_list(cfg.seed, cfg.seeds)
+    if cfg.run_dir is None and (len(seeds) > 1 or cfg.nll):
+        raise UserError(f"{'--seeds' if len(seeds) > 1 else '--nll'} needs --run_dir: it samples or reads a run")
+    if not cfg.sample and not cfg.nll:
+        raise UserError("--sample false leaves nothing to do without --nll")
+    if cfg.nll and cfg.nll_images < 1:
+        raise UserError(f"--nll_images must be >= 1, got {cfg.nll_images}")
     check_sampling_arguments(cfg)
-    if cfg.fidelity_batch_size < 1:
-        raise UserError(f"--fidelity_batch_size must be >= 1, got {cfg.fidelity_batch_size}")
-    inception = cfg.inception if cfg.inception is not None else cfg.ref is not None
-    if cfg.run_dir is None and not inception:
+    inception = check_inception(cfg.feature_extractor, cfg.inception_weights, cfg.ref, cfg.inception, cfg.device,
+                                cfg.fidelity_batch_size)
+    if cfg.run_dir is None and inception is None:
         raise UserError("nothing to score without a run: pass --ref REF (FID, IS, precision/recall) or --inception true (IS)")
-    ref = read_image_set(cfg.ref) if cfg.ref else None  # a bad reference fails before any sampling
-    if inception:  # and so do missing Inception weights (the network itself loads after sampling, on rank 0)
-        from sandbox.eval.fidelity import check_feature_extractor
-
-        check_feature_extractor(cfg.feature_extractor, cfg.inception_weights)
     given = read_image_set(cfg.images) if cfg.images else None
     if given is not None and given.count == 0:
         raise UserError(f"{cfg.images} holds no images")
-    result, scorer, images, labels = {}, None, None, None
-    if cfg.run_dir is not None:
-        scorer, images, labels = _run_samples(cfg, num_images, inception, given is None, result)
-        if scorer is None and images is None and given is None:  # a rank other than 0: rank 0 scores
+    if cfg.run_dir is None:
+        result = _score_given(cfg, given, None, inception)
+    else:
+        result = _score_run(cfg, seeds, num_images, given, inception)
+        if result is None:  # a rank other than 0: rank 0 writes
             return
-    if given is not None:
-        result["images"] = str(cfg.images)
-        images, labels = given.read_all() if scorer is not None else None, given.labels
-    result["num_images"] = int(len(images) if images is not None else given.count)
-    result.update(_scores(cfg, scorer, images, labels, given, inception, ref))
     text = json.dumps(result, indent=2)
     print(text)
     out = cfg.json or (Path(cfg.run_dir) / "eval.json" if cfg.run_dir is not None else None)
     if out is not None:
+        from sandbox.run.files import atomic_write_bytes
+
         atomic_write_bytes(Path(out), text.encode())
 
 
-def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool, result: dict):
-    """Load the run; with ``sample``, its evaluation set (sampled, or reused from the run directory).
-    Returns (the dataset's scorer, images (N,H,W,3) uint8 or None, labels); adds what it did to ``result``.
-    A rank other than 0 of a multi-process run gets (None, None, None)."""
+def _score_given(cfg: Namespace, given, scorer, inception) -> dict:
+    """Scores of the images of ``--images`` (the run's offline scorer when a run is named)."""
+    from sandbox.eval.scoring import info, score_samples
+
+    result = {"images": str(cfg.images), "num_images": int(given.count)}
+    if scorer is not None:
+        if given.labels is None:
+            info(f"note: {cfg.images} has no labels; the dataset's offline score needs them and is skipped")
+        else:
+            result.update(score_samples(scorer, None, given.read_all(), given.labels))
+    if inception is not None:
+        result.update(inception(given.batches(inception.batch_size)))
+    return result
+
+
+def _score_run(cfg: Namespace, seeds: list[int], num_images: int, given, inception) -> dict | None:
+    """Load the run and, for each seed, its evaluation set's scores (and the held-out likelihood): one flat
+    result for one seed, the seeds form for several. None on a rank other than 0."""
     from sandbox.cli.sample import load, sampling_options
-    from sandbox.config.recipe import instantiate
-    from sandbox.eval.samples import eval_samples
-    from sandbox.run.device import autocast_dtype
+    from sandbox.eval.scoring import dataset_scorer, heldout_data, over_seeds
 
     loaded = load(cfg)
-    exp, model = loaded.exp, loaded.model
-    scorer = instantiate(exp.cfg, "data").scorer()
-    if scorer is None and not inception:
-        raise UserError(f"dataset {exp.cfg.data.class_path} has no offline scorer; pass --ref REF for FID / IS")
-    result.update(run_dir=str(cfg.run_dir), step=loaded.step, ema=loaded.ema, seed=cfg.seed)
+    scorer = dataset_scorer(loaded, inception, nll=cfg.nll)
+    held = heldout_data(loaded) if cfg.nll else None  # a head without a likelihood: before any sampling
+    head = {"run_dir": str(cfg.run_dir), "step": loaded.step, "ema": loaded.ema}
     if cfg.head_args:
-        result["head_args"] = cfg.head_args
-    if not sample:
-        return scorer, None, None
+        head["head_args"] = cfg.head_args
+    if given is not None:  # score images made elsewhere with the run's scorer
+        return {**head, **_score_given(cfg, given, scorer, inception)}
     opts = sampling_options(cfg, loaded)
-    settings = {"num_images": num_images, "seed": cfg.seed, "chunk_size": opts["batch_size"],
-                "num_iter": opts["num_iter"], "cfg": float(opts["cfg"]), "cfg_schedule": opts["cfg_schedule"],
-                "temperature": float(opts["temperature"]), "step": loaded.step, "ema": loaded.ema}
-    if cfg.head_args:  # another sampler is another evaluation set (the samples are cached by settings)
-        settings["head_args"] = cfg.head_args
-    if cfg.compile:  # compiled kernels round differently: their own set
-        settings["compile"] = True
-    if not cfg.fast_paths:  # so does the plain path
-        settings["fast_paths"] = False
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    images, labels, path, reused = eval_samples(exp, model, settings, Path(cfg.run_dir), progress=cfg.progress,
-                                                autocast_dtype=autocast_dtype(loaded.train_config.precision, device))
-    if images is None:
-        return None, None, None
-    _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}" if path else
-          f"sampled {num_images} images (not kept)")
-    result["samples"] = str(path) if path else None
-    if not reused:
-        result["sampling_seconds"] = round(time.perf_counter() - t0, 2)
-    return scorer, images, labels
+    per_seed = [_one_seed(cfg, loaded, opts, seed, num_images, scorer, inception, held) for seed in seeds]
+    if per_seed[0] is None:
+        return None
+    if len(per_seed) == 1:
+        return {**head, **per_seed[0]}
+    mean, std = over_seeds(per_seed)
+    count = {"num_images": num_images} if cfg.sample else {}
+    return {**head, **count, "seeds": per_seed, "mean": mean, "std": std}
 
 
-def _scores(cfg: Namespace, scorer, images, labels, given, inception: bool, ref) -> dict:
-    """The dataset's offline score (with labels) and the Inception metrics of the images."""
-    import numpy as np
-    import torch
+def _one_seed(cfg: Namespace, loaded, opts: dict, seed: int, num_images: int, scorer, inception, held) -> dict | None:
+    """One seed's flat result: its evaluation set's scores, and the held-out likelihood with --nll. None on a rank
+    other than 0 (which takes part in both all the same: the ranks split the images and the likelihood's chunks)."""
+    from sandbox.eval.scoring import eval_settings, heldout_likelihood, sample_set, score_samples
+    from sandbox.run import distributed
 
-    from sandbox.images.io import from_uint8
-
-    out = {}
-    if scorer is not None:
-        if labels is None:
-            _info(f"note: {cfg.images} has no labels; the dataset's offline score needs them and is skipped")
-        else:
-            out.update(scorer.score(from_uint8(images), torch.as_tensor(np.asarray(labels))))
-    if inception:
-        bs = cfg.fidelity_batch_size
-        batches = (images[i : i + bs] for i in range(0, len(images), bs)) if images is not None else given.batches(bs)
-        out.update(_inception_metrics(cfg, batches, ref))
-    return out
+    result = {"seed": seed}
+    if cfg.sample:
+        settings = eval_settings(loaded, opts, num_images=num_images, seed=seed, head_args=cfg.head_args,
+                                 compile=cfg.compile, fast_paths=cfg.fast_paths)
+        samples = sample_set(loaded, settings, progress=cfg.progress)
+        if samples.images is not None:
+            result.update(samples.describe(), num_images=len(samples.images))
+            result.update(score_samples(scorer, inception, samples.images, samples.labels))
+    if held is not None:
+        nll = heldout_likelihood(loaded, held, opts, num_images=cfg.nll_images, seed=seed, head_args=cfg.head_args,
+                                 progress=cfg.progress)
+        result.update(nll or {})
+    return result if distributed.info().is_main else None
 
 
 def _num_images(cfg: Namespace) -> int:
@@ -171,25 +181,3 @@ def _num_images(cfg: Namespace) -> int:
     if n < 1:
         raise UserError("--num_images must be >= 1")
     return n
-
-
-def _inception_metrics(cfg: Namespace, batches, ref) -> dict:
-    """IS of the images (uint8 batches), and FID / precision-recall against ``ref`` when given."""
-    from sandbox.eval.fidelity import (
-        extract_features,
-        fidelity_scores,
-        load_feature_extractor,
-        reference_features,
-    )
-    from sandbox.run.device import resolve_device
-
-    device = resolve_device(cfg.device)
-    extractor = load_feature_extractor(cfg.feature_extractor, cfg.inception_weights, device)
-    feats = extract_features(extractor, batches, device)
-    ref_feats = None
-    if ref is not None:
-        ref_feats = reference_features(ref, extractor, extractor.weights_file, device, cfg.fidelity_batch_size)
-    out = fidelity_scores(feats, extractor, ref, ref_feats, device)
-    if ref is not None:
-        out["reference"] = str(ref.path)
-    return out

@@ -523,6 +523,13 @@ class Dataset(torch.utils.data.Dataset):
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Raise UserError when this dataset cannot feed ``tokenizer`` (a cache made by another one)."""
 
+    def heldout(self) -> Dataset | None:
+        """The held-out split: labelled images of the same kind for a likelihood on data the model should not
+        have fitted (``sandbox eval --nll``), or None (the default: no split). Its ``repr`` names it in the
+        result, so a split that training saw as well (a recipe that trains on everything) should say so there.
+        """
+        return None
+
     def scorer(self):
         """An offline score for samples of this dataset, or None.
 

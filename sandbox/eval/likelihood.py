@@ -23,8 +23,11 @@ References:
 """
 from __future__ import annotations
 
+import io
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -135,3 +138,76 @@ def image_sequences(exp, images: Tensor) -> Tensor:
     tokenizer's posterior mean (``sample=False``), so the data are fixed, not a draw."""
     latent = exp.tokenizer.encode(images, sample=False)  # (B, c, h*p, w*p)
     return exp.ordering.to_sequence(exp.tokenizer.to_tokens(latent))  # (B, L, C)
+
+
+# --------------------------------------------------------------------------------------
+# Held-out data: the likelihood of a dataset's held-out split (sandbox eval --nll)
+# --------------------------------------------------------------------------------------
+def heldout_indices(dataset, num_images: int) -> list[int]:
+    """The first ``num_images`` items of a fixed shuffle (seed 0) of ``dataset``: a class-mixed subset that is the
+    same whatever the eval seed, so seeds vary the plan's order and the estimator's noise, not the data."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    return order[:num_images].tolist()
+
+
+@torch.no_grad()
+def dataset_nll(exp, model, dataset, indices: list[int], *, num_iter: int, batch_size: int, seed: int,
+                autocast_dtype: torch.dtype | None = None, progress: bool = False) -> Tensor | None:
+    """``plan_nll`` of the items ``indices`` of an image dataset, in chunks of ``batch_size``: (S, N) nats. Chunk k
+    draws from generator seed (seed, k) whoever computes it; under torchrun the ranks split the chunks and rank 0
+    gathers them (the other ranks get None)."""
+    from tqdm.auto import tqdm
+
+    from sandbox.eval.samples import chunk_generator
+    from sandbox.run import distributed
+
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    me, device = distributed.info(), model.device
+    mine = range(me.rank, len(chunks), me.world_size)
+    parts = []
+    for k in tqdm(mine, desc="nll", disable=not progress or not me.is_main, file=sys.stderr):
+        images, labels = zip(*(dataset[i] for i in chunks[k]))
+        seq = image_sequences(exp, torch.stack(images).to(device))  # (b, L, C)
+        nll = plan_nll(model, exp.ordering, seq, torch.as_tensor(labels), num_iter, chunk_generator(seed, k, device),
+                       autocast_dtype)
+        parts.append((k, nll.cpu()))  # (S, b)
+    if me.enabled:
+        gathered = distributed.gather_objects(parts, dst=0)
+        if gathered is None:
+            return None
+        parts = [p for part in gathered for p in part]
+    return torch.cat([nll for _, nll in sorted(parts, key=lambda p: p[0])], dim=1)  # (S, N)
+
+
+def plot_nll_steps(summary: NLLSummary, path: Path, title: str) -> None:
+    """Which steps carry the bits: each step's share of the total bits/dim (bars) and the bits/dim of the
+    tokens it predicts (line, right axis), as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from sandbox.run.files import atomic_write_bytes
+
+    steps = list(range(len(summary.step_share)))
+    fig = Figure(figsize=(7, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(steps, summary.step_share, color="#1f77b4", label="the step's share of the total")
+    ax.set_xlabel("step of the sampling plan")
+    ax.set_ylabel("share of the total (bits/dim)", color="#1f77b4")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{title}: {summary.bits_per_dim:.4f} +- {summary.stderr:.4f} bits/dim "
+                 f"({summary.num_images} images)", fontsize=9)
+    handles = ax.get_legend_handles_labels()
+    if summary.step_bits_per_dim is not None:
+        own = ax.twinx()
+        own.plot(steps, summary.step_bits_per_dim, color="#ff7f0e", marker="o", label="bits/dim of its own tokens")
+        own.set_ylabel("bits/dim of the step's tokens", color="#ff7f0e")
+        if min(summary.step_bits_per_dim) >= 0:
+            own.set_ylim(bottom=0)
+        handles = [a + b for a, b in zip(handles, own.get_legend_handles_labels())]
+    ax.legend(*handles, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
