@@ -126,6 +126,10 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
                 "temperature": float(opts["temperature"]), "step": loaded.step, "ema": loaded.ema}
     if cfg.head_args:  # another sampler is another evaluation set (the samples are cached by settings)
         settings["head_args"] = cfg.head_args
+    if opts["head_steps"] is not None:  # so is another step schedule, and a cache (keys only when set: the sets
+        settings["head_steps"] = opts["head_steps"]  # of runs evaluated before these options keep their names)
+    if opts["cache"] != "off":
+        settings["cache"] = opts["cache"]
     if cfg.compile:  # compiled kernels round differently: their own set
         settings["compile"] = True
     if not cfg.fast_paths:  # so does the plain path
