@@ -63,8 +63,8 @@ class HeadSteps:
     ``kind`` is ``constant`` (``values`` = (k,)), ``linear`` / ``cosine`` (``values`` = (start, end)) or ``list``
     (counts spread evenly over the plan). A value is a count (int) or a share of the head's own count (a str
     ``"P%"``, resolved by ``resolve``). Step i of an n-step plan sits at u = i / (n - 1) (0 for a single step):
-    linear gives start + (end - start) u, cosine end + (start - end)(1 + cos(pi u)) / 2 (it stays near start
-    longer, then falls); so the first step takes start and the last end, whatever n the ordering makes of
+    linear gives start + (end - start) u, cosine end + (start - end)(1 + cos(pi u)) / 2 (more steps than linear
+    in the first half of the plan, fewer in the second); so the first step takes start and the last end, whatever n the ordering makes of
     num_iter. Counts are rounded half up and at least 1.
 
     References:
