@@ -158,14 +158,17 @@ class Rows:
 
 class MARStepCache(BackboneSampler):
     """One MAR generation with a cache (the module docstring): ``exact`` reuses the first blocks' q/k/v rows,
-    ``approx`` every block's keys and values between full steps and the unconditional branch's difference."""
+    ``approx`` every block's keys and values between full steps and the unconditional branch's difference.
+    Caches hold one row per (image, slot) -- slot = buffer + sequence position -- in (R * S, width) tensors, so
+    writing and reading rows are ``index_copy_`` / ``index_select`` of whole rows."""
 
     def __init__(self, backbone: MARBackbone, cond: ConditionTokens, guided: bool, mode: CacheMode):
         super().__init__(backbone, cond)
         self.guided, self.mode, self.index = guided, mode, 0
+        self.slots = backbone.config.buffer_size + backbone.seq_len  # S
         self.prev: tuple[Tensor, Tensor] | None = None  # the last step's (tokens, visible), every row
-        self.kv: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # (stack, block) -> K, V (R, H, buf+L, d)
-        self.qkv0: dict[str, tuple[Tensor, Tensor]] = {}  # exact: stack -> (qkv rows (R, buf+L, 3W), valid (R, buf+L))
+        self.kv: dict[tuple[str, int], Tensor] = {}  # approx: (stack, block) -> [k | v] rows (R * S, 2W)
+        self.qkv0: dict[str, tuple[Tensor, Tensor]] = {}  # exact: stack -> (q/k/v rows (R * S, 3W), valid (R, S))
         self.diff: Tensor | None = None  # approx with guidance: z_uncond - z_cond (B, L, D) of the last full step
 
     def step(self, tokens: Tensor, visible: Tensor, predict: Tensor) -> Tensor:
@@ -179,88 +182,7 @@ class MARStepCache(BackboneSampler):
             z = self.lazy_step(tokens[:B], visible[:B], predict[:B], changed[:B], half(self.cond, B))  # (N, D)
             if z is not None:
                 return torch.cat([z, z + self.diff[predict[:B]]]) if self.guided else z
-        z = self.full_step(tokens, visible)  # (R, L, D)
-        if self.guided:
-            self.diff = z[B:] - z[:B]  # (B, L, D)
-        return z[predict]
-
-    # -- approx: every block's keys and values ---------------------------------------------
-    def full_step(self, tokens: Tensor, visible: Tensor) -> Tensor:
-        """Every row of every block computed, and its keys and values kept -> z at every position (R, L, D)."""
-        bb, R = self.backbone, tokens.shape[0]
-        every = visible.new_ones(R, bb.config.buffer_size + bb.seq_len)  # (R, S)
-        enc, slots, buffer_keys = self.encode(tokens, visible, self.cond, every, slice(None))
-        out, _ = self.decode(enc, slots, every, buffer_keys, slice(None))  # (R, S, D)
-        return bb.decoder_norm(out)[:, bb.config.buffer_size:] + bb.diffusion_pos_embed_learned  # (R, L, D)
-
-    def lazy_step(self, tokens: Tensor, visible: Tensor, predict: Tensor, changed: Tensor,
-                  cond: ConditionTokens) -> Tensor | None:
-        """The token cache: only the buffer and the changed rows in the encoder, those and the predicted ones in
-        the decoder; the other rows' keys and values from the cache -> z at the predicted positions (N, D), or
-        None when the images have different numbers of such rows (the step is then computed in full)."""
-        bb, B = self.backbone, tokens.shape[0]
-        ones = visible.new_ones(B, bb.config.buffer_size)
-        enc_active = torch.cat([ones, changed & visible], 1)  # (B, S)
-        dec_active = torch.cat([ones, changed | predict], 1)  # (B, S)
-        if not (same_count(enc_active) and same_count(dec_active)):
-            return None
-        enc, slots, buffer_keys = self.encode(tokens, visible, cond, enc_active, slice(0, B))
-        out, pos = self.decode(enc, slots, dec_active, buffer_keys, slice(0, B))  # (B, A, D)
-        want = torch.cat([torch.zeros_like(ones), predict], 1).gather(1, pos)  # (B, A) the predicted rows
-        at = pos[want] - bb.config.buffer_size  # (N,) their positions, row-major
-        return bb.decoder_norm(out[want]) + bb.diffusion_pos_embed_learned[0].index_select(0, at)  # (N, D)
-
-    def encode(self, tokens: Tensor, visible: Tensor, cond: ConditionTokens, active: Tensor, rows: slice
-               ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The encoder at the ``active`` (B, S) slots among the kept ones (the buffer and the visible tokens) ->
-        (normed outputs (B, A, D), their slots (B, A), the buffer's key mask or None)."""
-        bb = self.backbone
-        x, kept, buffer_keys = bb.encoder_input(tokens, visible, cond)  # (B, n, D), (B, n)
-        pick = active.gather(1, kept)  # (B, n)
-        B, A = x.shape[0], int(pick[0].sum())
-        sel = Rows(x[pick].view(B, A, -1), kept[pick].view(B, A), kept, key_mask(buffer_keys, kept, bb.seq_len))
-        return bb.encoder_norm(self.run_stack("encoder", bb.encoder_blocks, sel, rows)), sel.pos, buffer_keys
-
-    def decode(self, enc: Tensor, slots: Tensor, active: Tensor, buffer_keys: Tensor | None, rows: slice
-               ) -> tuple[Tensor, Tensor]:
-        """The decoder at the ``active`` (B, S) slots, given the encoder's outputs ``enc`` (B, A', D) at
-        ``slots`` -> (outputs before the final norm (B, A, D), their slots (B, A))."""
-        bb = self.backbone
-        full = bb.decoder_input(enc, slots)  # (B, S, D): the computed rows in place, mask tokens elsewhere
-        B, A = full.shape[0], int(active[0].sum())
-        pos = active.nonzero()[:, 1].view(B, A)  # (B, A)
-        x = full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1]))  # (B, A, D)
-        sel = Rows(x, pos, None, key_mask(buffer_keys, None, bb.seq_len))
-        return self.run_stack("decoder", bb.decoder_blocks, sel, rows), pos
-
-    def run_stack(self, name: str, blocks, sel: "Rows", rows: slice) -> Tensor:
-        """``sel``'s rows through ``blocks``: each block's keys and values of those rows go into the cache (at
-        the generation's ``rows``), and the rows attend every key slot of the cache -> (B, A, D)."""
-        x = sel.x
-        for j, blk in enumerate(blocks):
-            q, k, v = project(blk, x)  # (B, H, A, d)
-            k, v = self.store((name, j), k, v, sel, rows)  # (B, H, K, d)
-            x = finish(blk, x, q, k, v, sel.mask)
-        return x
-
-    def store(self, key, k: Tensor, v: Tensor, sel: "Rows", rows: slice) -> tuple[Tensor, Tensor]:
-        """Write the fresh keys and values at ``sel.pos`` into the cache ``key`` -> the keys and values of
-        every slot ``sel`` attends (the fresh ones themselves when every slot was computed)."""
-        bb, (B, H, A, d) = self.backbone, k.shape
-        if key not in self.kv:
-            R, S = self.cond.tokens.shape[0], bb.config.buffer_size + bb.seq_len
-            self.kv[key] = (k.new_zeros(R, H, S, d), v.new_zeros(R, H, S, d))
-        K, V = (c[rows] for c in self.kv[key])  # views of this generation's rows
-        at = sel.pos[:, None, :, None].expand(-1, H, -1, d)
-        K.scatter_(2, at, k)
-        V.scatter_(2, at, v)
-        slots = K.shape[2] if sel.keys is None else sel.keys.shape[1]
-        if A == slots:  # a full pass: every slot is a fresh row
-            return k, v
-        if sel.keys is None:
-            return K, V
-        take = sel.keys[:, None, :, None].expand(-1, H, -1, d)
-        return K.gather(2, take), V.gather(2, take)
+        return self.full_step(tokens, visible, predict, B)
 
     def changed(self, tokens: Tensor, visible: Tensor) -> Tensor:
         """(R, L) bool: positions whose encoder input differs from the previous step's (all, at the first)."""
@@ -269,21 +191,115 @@ class MARStepCache(BackboneSampler):
         old_tokens, old_visible = self.prev
         return (visible != old_visible) | (visible & (tokens != old_tokens).any(-1))
 
+    def flat(self, slots: Tensor) -> Tensor:
+        """(B, A) slots of images 0..B-1 -> their rows (B * A,) in an (R * S, width) cache."""
+        return (torch.arange(slots.shape[0], device=slots.device)[:, None] * self.slots + slots).reshape(-1)
+
+    # -- approx: every block's keys and values ---------------------------------------------
+    def full_step(self, tokens: Tensor, visible: Tensor, predict: Tensor, B: int) -> Tensor:
+        """Every row of every block computed and its keys and values kept -> z at the predicted positions
+        (N, D); with guidance the last block also runs at every hidden position, for z_uncond - z_cond there."""
+        bb, R, L = self.backbone, tokens.shape[0], tokens.shape[1]
+        every = visible.new_ones(R, self.slots)  # (R, S)
+        enc, slots, buffer_keys = self.encode(tokens, visible, self.cond, every)
+        # the positions whose conditions are needed: the predicted ones (an ordering may show them, with a
+        # guess) and, with guidance, every one still to come, for the difference there
+        wanted = ~visible | predict if self.guided else predict  # (R, L)
+        query = torch.cat([visible.new_zeros(R, self.slots - L), wanted], 1)
+        z, pos = self.decode(enc, slots, every, buffer_keys, query)  # (R, Q, D), (R, Q)
+        if self.guided:
+            self.diff = z.new_zeros(B, L, z.shape[-1])
+            self.diff[wanted[:B]] = (z[B:] - z[:B]).reshape(-1, z.shape[-1])
+        return z[predict.gather(1, pos - (self.slots - L))]  # (N, D) row-major
+
+    def lazy_step(self, tokens: Tensor, visible: Tensor, predict: Tensor, changed: Tensor,
+                  cond: ConditionTokens) -> Tensor | None:
+        """The token cache: only the buffer and the changed rows in the encoder, those and the predicted ones in
+        the decoder; the other rows' keys and values from the cache -> z at the predicted positions (N, D), or
+        None when the images have different numbers of such rows (the step is then computed in full)."""
+        B, buf = tokens.shape[0], self.slots - tokens.shape[1]
+        ones = visible.new_ones(B, buf)
+        enc_active = torch.cat([ones, changed & visible], 1)  # (B, S)
+        dec_active = torch.cat([ones, changed | predict], 1)  # (B, S)
+        if not (same_count(enc_active) and same_count(dec_active)):
+            return None
+        enc, slots, buffer_keys = self.encode(tokens, visible, cond, enc_active)
+        query = torch.cat([torch.zeros_like(ones), predict], 1)
+        z, _ = self.decode(enc, slots, dec_active, buffer_keys, query)  # (B, Q, D)
+        return z.reshape(-1, z.shape[-1])  # (N, D) row-major
+
+    def encode(self, tokens: Tensor, visible: Tensor, cond: ConditionTokens, active: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The encoder at the ``active`` (B, S) slots among the kept ones (the buffer and the visible tokens) ->
+        (normed outputs (B, A, D), their slots (B, A), the buffer's key mask or None)."""
+        bb = self.backbone
+        x, kept, buffer_keys = bb.encoder_input(tokens, visible, cond)  # (B, n, D), (B, n)
+        pick = active.gather(1, kept)  # (B, n)
+        B, A = x.shape[0], int(pick[0].sum())
+        sel = Rows(x[pick].view(B, A, -1), kept[pick].view(B, A), kept, key_mask(buffer_keys, kept, bb.seq_len))
+        return bb.encoder_norm(self.run_stack("encoder", bb.encoder_blocks, sel)), sel.pos, buffer_keys
+
+    def decode(self, enc: Tensor, slots: Tensor, active: Tensor, buffer_keys: Tensor | None, query: Tensor
+               ) -> tuple[Tensor, Tensor]:
+        """The decoder at the ``active`` (B, S) slots, given the encoder's outputs ``enc`` (B, A', D) at
+        ``slots``; its last block at the ``query`` (B, S) slots -> (z there (B, Q, D), their slots (B, Q))."""
+        bb = self.backbone
+        full = bb.decoder_input(enc, slots)  # (B, S, D): the computed rows in place, mask tokens elsewhere
+        B, A = full.shape[0], int(active[0].sum())
+        pos = active.nonzero()[:, 1].view(B, A)  # (B, A)
+        x = full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1]))  # (B, A, D)
+        sel = Rows(x, pos, None, key_mask(buffer_keys, None, bb.seq_len))
+        out, pos = self.run_stack("decoder", bb.decoder_blocks, sel, query)  # (B, Q, D)
+        at = (pos - bb.config.buffer_size).reshape(-1)
+        z = bb.decoder_norm(out) + bb.diffusion_pos_embed_learned[0].index_select(0, at).view(out.shape)
+        return z, pos
+
+    def run_stack(self, name: str, blocks, sel: "Rows", query: Tensor | None = None):
+        """``sel``'s rows through ``blocks``; each block's keys and values of those rows go into the cache, and
+        the rows attend every key slot ``sel`` names. ``query`` (B, S): the slots the last block computes ->
+        (outputs (B, Q, D), their slots (B, Q)); without it, the outputs of every row (B, A, D)."""
+        x, pos = sel.x, sel.pos
+        for j, blk in enumerate(blocks):
+            qkv = blk.attn.qkv(blk.norm1(x))  # (B, A, 3D)
+            k, v = self.store((name, j), blk, qkv, sel)  # (B, H, K, d)
+            q = split_qkv(blk, qkv)[0]  # (B, H, A, d)
+            if query is not None and j == len(blocks) - 1:
+                x, q, pos = rows_at(query, pos, x, q)
+            x = finish(blk, x, q, k, v, sel.mask)
+        return x if query is None else (x, pos)
+
+    def store(self, key, blk, qkv: Tensor, sel: "Rows") -> tuple[Tensor, Tensor]:
+        """Write the fresh keys and values (``qkv``'s rows at ``sel.pos``) into the cache ``key`` -> the keys
+        and values (B, H, K, d) of every slot ``sel`` attends (the fresh ones when every slot was computed)."""
+        (B, A, W3), W = qkv.shape, qkv.shape[-1] // 3
+        if key not in self.kv:
+            self.kv[key] = qkv.new_zeros(self.cond.tokens.shape[0] * self.slots, 2 * W)
+        cache, fresh = self.kv[key], qkv[..., W:]  # (R * S, 2W), (B, A, 2W)
+        cache.index_copy_(0, self.flat(sel.pos), fresh.reshape(B * A, 2 * W))
+        keys = self.slots if sel.keys is None else sel.keys.shape[1]
+        if A == keys:  # a full pass: every slot attended is a fresh row, in the same order
+            rows = fresh
+        elif sel.keys is None:  # every slot of the first B images
+            rows = cache[: B * self.slots].view(B, self.slots, 2 * W)
+        else:
+            rows = cache.index_select(0, self.flat(sel.keys)).view(B, keys, 2 * W)
+        return split_kv(blk, rows)
+
     # -- exact: the first blocks' q/k/v rows -----------------------------------------------
     def exact_step(self, tokens: Tensor, visible: Tensor, predict: Tensor, changed: Tensor) -> Tensor:
         """Every row computed, as without a cache, but the first encoder block's q/k/v rows of the buffer and of
         unchanged tokens, and the first decoder block's of hidden positions, come from the previous step ->
         z at the predicted positions (N, D)."""
-        bb, R = self.backbone, tokens.shape[0]
-        buf, L = bb.config.buffer_size, bb.seq_len
+        bb, (R, L) = self.backbone, visible.shape
+        buf = self.slots - L
         x, kept, buffer_keys = bb.encoder_input(tokens, visible, self.cond)  # (R, n, D)
         stale = torch.cat([visible.new_zeros(R, buf), changed], 1).gather(1, kept)  # (R, n) inputs that changed
-        kept_slots = torch.zeros(R, buf + L, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
+        kept_slots = torch.zeros(R, self.slots, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
         x = self.exact_stack("encoder", bb.encoder_blocks, x, kept, stale, key_mask(buffer_keys, kept, L),
                              kept_slots)
         full = bb.decoder_input(bb.encoder_norm(x), kept)  # (R, S, D)
         hidden = torch.cat([visible.new_zeros(R, buf), ~visible], 1)  # (R, S) mask-token rows
-        slots = torch.arange(buf + L, device=kept.device).expand(R, -1)
+        slots = torch.arange(self.slots, device=kept.device).expand(R, -1)
         query = torch.cat([visible.new_zeros(R, buf), predict], 1)  # (R, S)
         out = self.exact_stack("decoder", bb.decoder_blocks, full, slots, ~hidden, key_mask(buffer_keys, None, L),
                                hidden, query)  # (R, Q, D)
@@ -296,29 +312,31 @@ class MARStepCache(BackboneSampler):
         cache but where ``stale`` (B, A) or not cached, and ``valid`` (B, S) marks the slots whose rows stay
         reusable; ``query`` (B, S): the rows the last block computes (None: all) -> (B, Q, D)."""
         for j, blk in enumerate(blocks):
-            q, k, v = self.first_qkv(name, blk, x, slots, stale, valid) if j == 0 else project(blk, x)
+            q, k, v = split_qkv(blk, self.first_qkv(name, blk, x, slots, stale, valid) if j == 0
+                                else blk.attn.qkv(blk.norm1(x)))
             if query is not None and j == len(blocks) - 1:
-                rows = query.gather(1, slots).nonzero()[:, 1].view(x.shape[0], -1)  # (B, Q) rows of x
-                q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-                x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+                x, q, _ = rows_at(query, slots, x, q)
             x = finish(blk, x, q, k, v, mask)
         return x
 
-    def first_qkv(self, name: str, blk, x: Tensor, slots: Tensor, stale: Tensor, valid: Tensor):
-        """q, k, v (B, H, A, d) of the first block: the cached rows where they are still valid, the others
-        computed; the cache then holds this step's rows, valid at ``valid`` (B, S)."""
+    def first_qkv(self, name: str, blk, x: Tensor, slots: Tensor, stale: Tensor, valid: Tensor) -> Tensor:
+        """The first block's q/k/v rows (B, A, 3D): cached where still valid, computed elsewhere; the cache then
+        holds this step's rows, reusable at ``valid`` (B, S)."""
+        B, A, _ = x.shape
         cached = self.qkv0.get(name)
-        fresh = stale | ~cached[1].gather(1, slots) if cached is not None else torch.ones_like(stale)  # (B, A)
-        rows = blk.attn.qkv(blk.norm1(x[fresh]))  # (F, 3D)
-        if cached is None:
-            cache = rows.new_zeros(x.shape[0], valid.shape[1], rows.shape[-1])  # (R, S, 3D)
+        if cached is None:  # the first step: every row
+            qkv = blk.attn.qkv(blk.norm1(x))  # (B, A, 3D)
+            cache = qkv.new_zeros(B * self.slots, qkv.shape[-1])
+            cache.index_copy_(0, self.flat(slots), qkv.reshape(B * A, -1))
         else:
-            cache = cached[0]
-        qkv = cache.gather(1, slots[..., None].expand(-1, -1, cache.shape[-1]))  # (B, A, 3D)
-        qkv[fresh] = rows
-        cache.scatter_(1, slots[..., None].expand(-1, -1, cache.shape[-1]), qkv)
+            cache, reusable = cached
+            fresh = stale | ~reusable.gather(1, slots)  # (B, A)
+            qkv = cache.index_select(0, self.flat(slots)).view(B, A, -1)  # (B, A, 3D)
+            rows = blk.attn.qkv(blk.norm1(x[fresh]))  # (F, 3D)
+            qkv[fresh] = rows
+            cache.index_copy_(0, self.flat(slots)[fresh.reshape(-1)], rows)
         self.qkv0[name] = (cache, valid)
-        return split_qkv(blk, qkv)
+        return qkv
 
 
 # --------------------------------------------------------------------------------------
@@ -332,9 +350,22 @@ def split_qkv(blk, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def project(blk, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v (B, H, A, d) of the rows x (B, A, D)."""
-    return split_qkv(blk, blk.attn.qkv(blk.norm1(x)))
+def split_kv(blk, kv: Tensor) -> tuple[Tensor, Tensor]:
+    """A block's key/value projection rows (B, K, 2D) -> k, v (B, H, K, d), the keys normalised."""
+    attn = blk.attn
+    B, K, _ = kv.shape
+    k, v = kv.reshape(B, K, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.k_norm(k), v
+
+
+def rows_at(query: Tensor, slots: Tensor, x: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of x (B, A, D) and q (B, H, A, d) whose ``slots`` (B, A) are in ``query`` (B, S) -> (x, q,
+    slots) at those rows (the same number in each image)."""
+    B = x.shape[0]
+    rows = query.gather(1, slots).nonzero()[:, 1].view(B, -1)  # (B, Q)
+    x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+    return x, q, slots.gather(1, rows)
 
 
 def finish(blk, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
