@@ -38,17 +38,23 @@ def build(recipe, overrides: list[str] = ()):
 @torch.no_grad()
 def generate(run, labels=None, *, num_images: int | None = None, seed: int = 0, num_iter: int | None = None,
              cfg: float | None = None, cfg_schedule: str | None = None, temperature: float | None = None,
-             batch_size: int | None = None) -> Tensor:
+             batch_size: int | None = None, head_steps=None, cache: str | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] from a loaded run (``sandbox.load_run``): one per label in ``labels``
     (class indices), or ``num_images`` class-balanced ones. Sampling settings default to the run's recipe
     (``sample:``); ``seed`` fixes the images, as ``sandbox sample --seed`` does (the same images for the same
-    settings and batch size)."""
+    settings and batch size). ``head_steps`` (``"linear:50:5"``, a count, a list) and ``cache`` (``"exact"``,
+    ``"approx:2"``) are the speed options of ``sandbox sample`` (docs/performance.md#fast-sampling)."""
+    from sandbox.core.sampling import check_head_steps
     from sandbox.eval.samples import balanced_labels, generate_many
+    from sandbox.fast.sampling import speed_kwargs
+    from sandbox.fast.step_cache import check_cache
     from sandbox.run.device import autocast_dtype
 
     exp = run.exp
     sc = run.sampling({"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                       "batch_size": batch_size})  # the recipe's where None, every value checked
+                       "batch_size": batch_size, "head_steps": head_steps, "cache": cache})  # the recipe's where None
+    check_head_steps(run.model.head, sc.head_steps)
+    check_cache(sc.cache, run.model.backbone)
     if labels is None:
         if num_images is None:
             raise UserError("generate needs labels or num_images")
@@ -59,7 +65,8 @@ def generate(run, labels=None, *, num_images: int | None = None, seed: int = 0, 
     device = next(run.model.parameters()).device
     return generate_many(exp, labels, batch_size=sc.batch_size, seed=seed, model=run.model, num_iter=sc.num_iter,
                          cfg=sc.cfg, cfg_schedule=sc.cfg_schedule, temperature=sc.temperature,
-                         autocast_dtype=autocast_dtype(run.train_config.precision, device))
+                         autocast_dtype=autocast_dtype(run.train_config.precision, device),
+                         **speed_kwargs(sc.head_steps, sc.cache))
 
 
 def save_grid(images: Tensor, path: str | Path, labels=None) -> Path:

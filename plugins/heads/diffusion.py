@@ -168,6 +168,10 @@ class DiffusionHead(Head):
         self._respaced: dict[int, GaussianDiffusion] = {}  # other step counts' processes (``respaced``)
         self.scheduler = self.make_scheduler(sampler, self.train_diffusion.betas.tolist())
 
+    @property
+    def default_num_steps(self) -> int:
+        return self.num_sampling_steps
+
     def check_steps(self, k, name: str = "num_steps") -> int:
         """A step count this sampler can take: [2, T] for DDPM, [1, T] for the ODE samplers."""
         # respacing DDPM to one step keeps only t=0, which has no posterior variance (the official code fails too)

@@ -158,6 +158,10 @@ class FlowHead(Head):
         self.compiled_sampling = False  # set by compile_sampling (--compile); a runtime choice, not in checkpoints
         self.net = AdaLNMLP(token_dim, width, token_dim, cond_dim, depth, grad_checkpointing)
 
+    @property
+    def default_num_steps(self) -> int:
+        return self.num_sampling_steps
+
     @staticmethod
     def check_steps(k, name: str = "num_steps") -> int:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:

@@ -116,6 +116,10 @@ class ShortcutHead(Head):
             torch.nn.init.normal_(lin.weight, std=0.02)
             torch.nn.init.zeros_(lin.bias)
 
+    @property
+    def default_num_steps(self) -> int:
+        return self.num_sampling_steps
+
     @staticmethod
     def check_steps(k, name: str = "num_steps") -> int:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:

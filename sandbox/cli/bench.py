@@ -24,6 +24,7 @@ import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -65,6 +66,11 @@ def parser() -> ArgumentParser:
     p.add_argument("--cfg", type=float | None, default=None, help="Guidance scale (default: the recipe's, else 1.0).")
     p.add_argument("--temperature", type=float | None, default=None,
                    help="Head temperature (default: the recipe's, else 1.0).")
+    p.add_argument("--head_steps", type=Optional[Union[int, str, list[int]]], default=None,
+                   help="The head's steps per plan step, e.g. linear:50:5 (default: the recipe's; `sandbox sample "
+                        "--help` has the syntax).")
+    p.add_argument("--cache", type=str | None, default=None,
+                   help="Reuse across plan steps: off, exact or approx:N[:W] (default: the recipe's, else off).")
     p.add_argument("--grad_checkpointing", type=bool | None, default=None,
                    help="Recompute transformer and head blocks in backward (default: the recipe's).")
     p.add_argument("--compile", type=bool | None, default=None,
@@ -293,7 +299,8 @@ def run(cfg: Namespace) -> None:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0")
     try:  # before the model is built; 0 is an error, not "the recipe's"
-        check_sampling({name: cfg[name] for name in ("num_iter", "cfg", "temperature") if cfg[name] is not None}, "--")
+        check_sampling({name: cfg[name] for name in ("num_iter", "cfg", "temperature", "head_steps", "cache")
+                        if cfg[name] is not None}, "--")
         for n in cfg.num_iter_sweep or []:
             check_sampling({"num_iter": n}, "--num_iter_sweep: ")
     except ValueError as e:
@@ -306,6 +313,7 @@ def run(cfg: Namespace) -> None:
     sc, tc = recipe_cfgs if recipe_cfgs else (None, None)
     bench = _settings(cfg, sc, tc, precision, device)
     _prepare(model, cfg, bench, device)
+    _check_speed_options(model, bench)
     memory = PeakMemory(device)
     tr = model  # its config: the model settings
     result = {
@@ -373,10 +381,12 @@ def _settings(cfg: Namespace, sc, tc, precision: str, device) -> dict:
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     use_compile = cfg.compile if cfg.compile is not None else bool(tc and tc.compile)
-    given = {name: cfg[name] for name in ("num_iter", "cfg", "temperature") if cfg[name] is not None}
+    given = {name: cfg[name] for name in ("num_iter", "cfg", "temperature", "head_steps", "cache")
+             if cfg[name] is not None}
     # the recipe's sample: settings, else the official defaults (num_iter 64, no guidance, linear schedule)
-    sampling = {**({"num_iter": 64, "cfg": 1.0, "temperature": 1.0} if sc is None else
-                   {"num_iter": sc.num_iter, "cfg": sc.cfg, "temperature": sc.temperature}), **given}
+    sampling = {**({"num_iter": 64, "cfg": 1.0, "temperature": 1.0, "head_steps": None, "cache": "off"} if sc is None
+                   else {"num_iter": sc.num_iter, "cfg": sc.cfg, "temperature": sc.temperature,
+                         "head_steps": sc.head_steps, "cache": sc.cache}), **given}
     return {
         **sampling,
         "cfg_schedule": sc.cfg_schedule if sc else "linear",  # the official fixtures' runs: linear
@@ -402,6 +412,15 @@ def _prepare(model, cfg: Namespace, bench: dict, device) -> None:
         from sandbox.fast.compile import compile_sampling
 
         compile_sampling(model)
+
+
+def _check_speed_options(model, bench: dict) -> None:
+    """A head-step schedule the head can follow and a cache the backbone can: one error line before timing."""
+    from sandbox.core.sampling import check_head_steps
+    from sandbox.fast.step_cache import check_cache
+
+    check_head_steps(model.head, bench["head_steps"])
+    check_cache(bench["cache"], model.backbone)
 
 
 def _amp(bench: dict, device):
@@ -439,11 +458,12 @@ def _bench_sampling(model, ordering, token_dim: int, num_classes: int, cfg: Name
     """Sampling calls of ``sample_batch_size`` images, stopping at tokens (no tokenizer decode)."""
     from sandbox.core.sampling import sample_tokens
     from sandbox.eval.samples import balanced_labels
+    from sandbox.fast.sampling import speed_kwargs
 
     model.eval()
     labels = balanced_labels(cfg.sample_batch_size, num_classes, device)
     kwargs = dict(cfg=bench["cfg"], cfg_schedule=bench["cfg_schedule"], temperature=bench["temperature"],
-                  autocast_dtype=bench["amp_dtype"])
+                  autocast_dtype=bench["amp_dtype"], **speed_kwargs(bench["head_steps"], bench["cache"]))
 
     def sample(n: int, num_iter: int):
         sample_tokens(model, ordering, token_dim, labels[:n], generator=gen, num_iter=num_iter, **kwargs)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -36,6 +36,16 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True, num
     p.add_argument("--head_args", type=dict | None, default=None,
                    help="Override the head's init_args for sampling, e.g. '{sampler: dpm++, num_sampling_steps: 20}' "
                         "(see `sandbox plugins`); arguments that change the head's weights do not fit the checkpoint.")
+    p.add_argument("--head_steps", type=Optional[Union[int, str, list[int]]], default=None,
+                   help="The head's own steps at each plan step (DiSA's annealing): a count, a share of the head's "
+                        "own count (50%%), linear:START:END or cosine:START:END (linear:50:5, cosine:100%%:10%%), "
+                        "or a list of counts (default: the recipe's; 100%% is the head's own count everywhere).")
+    p.add_argument("--cache", type=str | None, default=None,
+                   help="Reuse across plan steps: off, exact (the same samples within float rounding) or "
+                        "approx:N[:W] (LazyMAR's caches, a full step every N) (default: the recipe's, else off).")
+    p.add_argument("--fast", type=bool, default=False,
+                   help="Apply the quality-keeping frontier point of the quality-speed map (it prints the options "
+                        "it sets); options given on the command line win (docs/performance.md#fast-sampling).")
     p.add_argument("--seed", type=int, default=0, help="Fixes the samples.")
     p.add_argument("--batch_size", type=int | None, default=None, help="Images per batch (default: the recipe's).")
     p.add_argument("--ema", type=bool, default=True, help="Use the EMA weights.")
@@ -49,7 +59,8 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True, num
     p.add_argument("--progress", type=bool, default=True, help="Show a progress bar.")
 
 
-SAMPLING = ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size")  # options over the recipe's sample:
+SAMPLING = ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size",  # options over the recipe's sample:
+            "head_steps", "cache")
 
 
 def check_sampling_arguments(cfg: Namespace) -> None:
@@ -67,8 +78,18 @@ def check_sampling_arguments(cfg: Namespace) -> None:
 
 def sampling_options(cfg: Namespace, loaded) -> dict:
     """The sampling settings of a command (``add_sampling_arguments``) over the recipe's defaults of the
-    loaded run: num_iter, cfg, cfg_schedule, temperature and batch_size, each checked."""
-    sc = loaded.sampling({name: cfg.get(name) for name in SAMPLING}, prefix="--")
+    loaded run: num_iter, cfg, cfg_schedule, temperature, batch_size, head_steps and cache, each checked;
+    with ``--fast true``, the frontier point where the command line gave nothing (``fast_options``)."""
+    from sandbox.core.sampling import check_head_steps
+    from sandbox.fast.sampling import fast_options
+    from sandbox.fast.step_cache import check_cache
+
+    given = {name: cfg.get(name) for name in SAMPLING}
+    if cfg.get("fast"):
+        given.update(fast_options(given, loaded.model))
+    sc = loaded.sampling(given, prefix="--")
+    check_head_steps(loaded.model.head, sc.head_steps)  # before any sampling: one line, nothing written
+    check_cache(sc.cache, loaded.model.backbone)
     return {name: getattr(sc, name) for name in SAMPLING}
 
 
@@ -114,6 +135,7 @@ def _sample_from_run(cfg: Namespace, on_step=None):
     import torch
 
     from sandbox.eval.samples import balanced_labels, generate_distributed
+    from sandbox.fast.sampling import speed_kwargs
     from sandbox.run.device import autocast_dtype
 
     if cfg.num_images < 1:
@@ -131,9 +153,10 @@ def _sample_from_run(cfg: Namespace, on_step=None):
         labels = balanced_labels(cfg.num_images, exp.num_classes)
     device = next(model.parameters()).device
     callback = on_step(exp, labels) if on_step is not None else None  # rank 0 samples batch 0 first: it animates
+    speed = speed_kwargs(opts.pop("head_steps"), opts.pop("cache"))
     images = generate_distributed(
-        exp, labels, batch_size=opts.pop("batch_size"), seed=cfg.seed, model=model, **opts, progress=cfg.progress,
-        autocast_dtype=autocast_dtype(loaded.train_config.precision, device), on_step=callback)
+        exp, labels, batch_size=opts.pop("batch_size"), seed=cfg.seed, model=model, **opts, **speed,
+        progress=cfg.progress, autocast_dtype=autocast_dtype(loaded.train_config.precision, device), on_step=callback)
     return loaded, images, labels
 
 

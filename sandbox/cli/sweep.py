@@ -66,6 +66,7 @@ def _run(cfg: Namespace) -> None:
     loaded = load(cfg)
     given = {k: cfg.get(k) for k in SAMPLING if cfg.get(k) is not None}
     grid = check_grid(axes, type(loaded.model.head), given, cfg.head_args)
+    _check_speed_axes(grid, loaded)
     scorer = dataset_scorer(loaded, inception)
     folder = loaded.root / "sweeps" / name
     shared = _shared(cfg, loaded, seeds, given)
@@ -102,6 +103,17 @@ def _agreed(rows: dict) -> dict:
     if not distributed.info().enabled:
         return rows
     return distributed.gather_objects(rows, dst=None)[0]
+
+
+def _check_speed_axes(grid, loaded) -> None:
+    """Step schedules the head cannot take and caches the backbone refuses: one line before any point."""
+    from sandbox.core.sampling import check_head_steps
+    from sandbox.fast.step_cache import check_cache
+
+    for value in grid.axes.get("head_steps", []):
+        check_head_steps(loaded.model.head, value)
+    for value in grid.axes.get("cache", []):
+        check_cache(value, loaded.model.backbone)
 
 
 def _variant(cfg: Namespace, grid, point: dict) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 from jsonargparse import Namespace
 
@@ -73,6 +73,14 @@ class SampleConfig:
     batch_size: int = 64  # images per sampling batch
     grid_classes: int = 10  # rows of a training sample grid (one class per row)
     grid_per_class: int = 8  # columns of a training sample grid
+    # the head's own steps at each step of the plan (DiSA's annealing: many for the first tokens, few for the last):
+    # a count, a share of the head's own count (50%), linear:START:END / cosine:START:END, or a list of counts;
+    # None: the head's own count at every step, as the official sampler (sandbox/core/schedules.py, HeadSteps)
+    head_steps: Optional[Union[int, str, list[int]]] = None
+    # reuse across the plan's steps (sandbox/fast/step_cache.py): off, exact (the same samples within float
+    # rounding) or approx:N[:W] (LazyMAR's token and condition caches, a full step every N); off until measured
+    # (.ci/measure_fast_sampling.sh chooses by images/s at an unchanged Frechet distance)
+    cache: str = "off"
 
     def __post_init__(self):  # checked when the recipe is built: before training, not at its final grid
         check_sampling(dataclasses.asdict(self), "sample.")
@@ -92,6 +100,20 @@ def check_sampling(values: dict, prefix: str) -> None:
     schedules = typing.get_args(typing.get_type_hints(SampleConfig)["cfg_schedule"])
     if "cfg_schedule" in values and values["cfg_schedule"] not in schedules:
         raise ValueError(f"{prefix}cfg_schedule must be one of {', '.join(schedules)}, got {values['cfg_schedule']!r}")
+    _check_speed_options(values, prefix)
+
+
+def _check_speed_options(values: dict, prefix: str) -> None:
+    """``head_steps`` (a ``HeadSteps`` spec) and ``cache`` (a ``CacheMode`` spec), each one error line."""
+    from sandbox.core.schedules import HeadSteps
+    from sandbox.fast.step_cache import CacheMode
+
+    for name, parse in (("head_steps", HeadSteps.parse), ("cache", CacheMode.parse)):
+        if name in values:
+            try:
+                parse(values[name])
+            except ValueError as e:
+                raise ValueError(f"{prefix}{name}: {e}") from None
 
 
 def _at_least(config, prefix: str, low: float, *names: str) -> None:

@@ -453,6 +453,12 @@ class Head(nn.Module):
         is set; ``supports_num_steps`` says whether the head honours it."""
         raise NotImplementedError
 
+    @property
+    def default_num_steps(self) -> int | None:
+        """The step count ``sample`` takes when ``num_steps`` is None: what a head-step schedule's shares ("10%")
+        are shares of. None: a head without steps of its own (the default)."""
+        return None
+
     def nll(self, target: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """target (N,C), cond (N,D) -> -log p(target | cond) per row (N,), in nats summed over the C dims
         (a density of the continuous token values; an upper bound or an estimate where the head documents it).

@@ -183,6 +183,18 @@ class MARBackbone(Backbone):
                         ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Encode the buffer plus the visible tokens. Returns (encoded (B, buf+Lv, D), keep index (B, buf+Lv),
         the buffer's key mask (B, buf) or None)."""
+        x, idx, buffer_keys = self.encoder_input(tokens, visible, cond)  # (B, buf+Lv, D)
+        keys = None
+        if buffer_keys is not None:  # the padded buffer slots stay out of attention
+            keys = torch.cat([buffer_keys, visible.new_ones(x.shape[0], x.shape[1] - buffer_keys.shape[1])], 1)
+        x = self.run_blocks(self.encoder_blocks, x, keys)  # (B, buf+Lv, D)
+        return self.encoder_norm(x), idx, buffer_keys
+
+    def encoder_input(self, tokens: Tensor, visible: Tensor, cond: ConditionTokens
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The encoder's input rows: the buffer plus the visible tokens with their position (and group)
+        embeddings, in ascending position order. Returns (x (B, buf+Lv, D), keep index (B, buf+Lv): each row's
+        position in the buffer + sequence, the buffer's key mask (B, buf) or None)."""
         B, L, _ = tokens.shape
         buf = self.config.buffer_size
         keep = torch.cat([visible.new_ones(B, buf), visible], dim=1)  # (B, buf+L) buffer is always visible
@@ -201,10 +213,7 @@ class MARBackbone(Backbone):
         if self.num_groups > 1:
             grp = torch.cat([self.groups.new_zeros(buf), self.groups])[idx]  # (B, buf+Lv)
             pos = pos + self.group_embed(grp) * (idx >= buf)[..., None]
-        x = self.z_proj_ln(x + pos)  # (B, buf+Lv, D)
-        keys = None if buffer_keys is None else torch.cat([buffer_keys, visible.new_ones(B, n_keep - buf)], 1)
-        x = self.run_blocks(self.encoder_blocks, x, keys)  # (B, buf+Lv, D)
-        return self.encoder_norm(x), idx, buffer_keys
+        return self.z_proj_ln(x + pos), idx, buffer_keys  # (B, buf+Lv, D)
 
     def decoder_input(self, x: Tensor, idx: Tensor) -> Tensor:
         """The decoder's input: encoded rows (B, buf+Lv, D) back in place among mask tokens, with the decoder's

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from sandbox.core.sampling import generate
 from sandbox.errors import UserError
+from sandbox.fast.sampling import speed_kwargs
 from sandbox.images.io import read_image_set, save_npz, to_uint8
 
 
@@ -139,7 +140,7 @@ def eval_set_path(run_root: Path, settings: dict) -> Path:
 def eval_samples(exp, model, settings: dict, run_root: Path, progress: bool = False,
                  autocast_dtype=None) -> tuple[np.ndarray, np.ndarray, Path | None, bool]:
     """The evaluation set fixed by ``settings`` (num_images, seed, chunk_size, num_iter, cfg, cfg_schedule,
-    temperature, step, ema): read from the run directory when it is there, else generated and written.
+    temperature, step, ema; head_steps and cache when set): read from the run directory when it is there, else generated and written.
     Returns (images, labels, path, reused), path None when the set could not be written (a read-only run
     directory: a warning); under several ranks, every rank must call it and only rank 0 gets the images (the
     others get ``(None, None, path, False)``)."""
@@ -156,7 +157,8 @@ def eval_samples(exp, model, settings: dict, run_root: Path, progress: bool = Fa
     part = generate_eval_images(
         exp, model, mine, n, seed=settings["seed"], chunk_size=cs, progress=progress and me.is_main,
         num_iter=settings["num_iter"], cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"],
-        temperature=settings["temperature"], autocast_dtype=autocast_dtype) if mine else None
+        temperature=settings["temperature"], autocast_dtype=autocast_dtype,
+        **speed_kwargs(settings.get("head_steps"), settings.get("cache", "off"))) if mine else None
     if me.enabled:
         parts = distributed.gather_objects((mine, part), dst=0)
         if parts is None:

@@ -37,12 +37,16 @@ def eval_settings(loaded, options: dict, *, num_images: int, seed: int, head_arg
                   compile: bool = False, fast_paths: bool = True) -> dict:
     """Everything that fixes the images of an evaluation set (``sandbox.eval.samples.eval_samples`` keys its
     file by them): ``options`` are the checked sampling options (num_iter, cfg, cfg_schedule, temperature,
-    batch_size: ``sandbox.cli.sample.sampling_options``), ``loaded`` the run (its step and weights)."""
+    batch_size, head_steps, cache: ``sandbox.cli.sample.sampling_options``), ``loaded`` the run (its step and weights)."""
     settings = {"num_images": num_images, "seed": seed, "chunk_size": options["batch_size"],
                 "num_iter": options["num_iter"], "cfg": float(options["cfg"]), "cfg_schedule": options["cfg_schedule"],
                 "temperature": float(options["temperature"]), "step": loaded.step, "ema": loaded.ema}
     if head_args:  # another sampler is another evaluation set
         settings["head_args"] = head_args
+    if options.get("head_steps") is not None:  # so is another step schedule, and a cache (keys only when set:
+        settings["head_steps"] = options["head_steps"]  # the sets of runs evaluated before them keep their names)
+    if options.get("cache", "off") != "off":
+        settings["cache"] = options["cache"]
     if compile:  # compiled kernels round differently: their own set
         settings["compile"] = True
     if not fast_paths:  # so does the plain path

@@ -31,7 +31,7 @@ from sandbox.errors import UserError
 
 # the sampling options a grid may vary and the type of their values (sandbox.cli.sample.add_sampling_arguments)
 SAMPLING_TYPES = {"num_iter": int, "cfg": float, "cfg_schedule": str, "temperature": float, "batch_size": int,
-                  "ema": bool}
+                  "ema": bool, "head_steps": (int, str, list), "cache": str}
 HEAD_PREFIX = "head_args."
 NOT_PLOTTED = ("real_accuracy", "inception_score_std", "sampling_seconds")  # describe the scorer or the machine
 
@@ -124,7 +124,8 @@ def _typed(key: str, value):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"--grid: {key} takes {kind.__name__} values, got {value!r}")
+        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise UserError(f"--grid: {key} takes {names} values, got {value!r}")
     return value
 
 

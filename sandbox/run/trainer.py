@@ -30,10 +30,13 @@ from sandbox.config.build import build
 from sandbox.config.recipe import check_values, instantiate, recipe_dict, slot_classes
 from sandbox.config.schema import TrainConfig
 from sandbox.core.model import upgrade_key
+from sandbox.core.sampling import check_head_steps
 from sandbox.core.training import StepResult, train_step, training_loss
 from sandbox.errors import UserError
 from sandbox.eval.diagnostics import run_warnings
 from sandbox.eval.samples import generate_many
+from sandbox.fast.sampling import speed_kwargs
+from sandbox.fast.step_cache import check_cache
 from sandbox.images.grids import class_grid, save_png
 from sandbox.run import distributed
 from sandbox.run.checkpoints import state_mismatch
@@ -133,6 +136,9 @@ class Trainer:
         self.exp = exp = build(cfg)
         fast.apply(exp.model, tc.fast_paths, exp.model.config.attention)
         exp.model.head_fp32 = tc.head_fp32
+        sc = instantiate(cfg, "sample")  # can the head follow the grids' settings? (before any write)
+        check_head_steps(exp.model.head, sc.head_steps)
+        check_cache(sc.cache, exp.model.backbone)
         # can the data fill a global batch? (before any write)
         ResumableBatchSampler(len(exp.dataset), tc.batch_size, cfg.seed, 0, 0, self.dist.world_size, tc.grad_accum)
         if self.main:
@@ -325,7 +331,8 @@ class Trainer:
         labels = torch.arange(k).repeat_interleave(sc.grid_per_class)  # one row per class
         images = generate_many(self.exp, labels, batch_size=max(len(labels), 1), seed=self.cfg.seed, model=self.ema,
                                num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
-                               temperature=sc.temperature, autocast_dtype=self.amp_dtype)
+                               temperature=sc.temperature, autocast_dtype=self.amp_dtype,
+                               **speed_kwargs(sc.head_steps, sc.cache))
         path, grid = self.run_dir.samples_dir / f"{tag}.png", class_grid(images, labels)
         save_png(grid, path)
         if self.tb is not None:
