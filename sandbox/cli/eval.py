@@ -106,13 +106,12 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
     Returns (the dataset's scorer, images (N,H,W,3) uint8 or None, labels); adds what it did to ``result``.
     A rank other than 0 of a multi-process run gets (None, None, None)."""
     from sandbox.cli.sample import load, sampling_options
-    from sandbox.config.recipe import instantiate
     from sandbox.eval.samples import eval_samples
     from sandbox.run.device import autocast_dtype
 
     loaded = load(cfg)
     exp, model = loaded.exp, loaded.model
-    scorer = instantiate(exp.cfg, "data").scorer()
+    scorer = loaded.dataset().scorer()
     if scorer is None and not inception:
         raise UserError(f"dataset {exp.cfg.data.class_path} has no offline scorer; pass --ref REF for FID / IS")
     result.update(run_dir=str(cfg.run_dir), step=loaded.step, ema=loaded.ema, seed=cfg.seed)
@@ -130,10 +129,12 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
         settings["compile"] = True
     if not cfg.fast_paths:  # so does the plain path
         settings["fast_paths"] = False
+    conditioning = _conditioning(loaded, num_images, settings, result)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     images, labels, path, reused = eval_samples(exp, model, settings, Path(cfg.run_dir), progress=cfg.progress,
-                                                autocast_dtype=autocast_dtype(loaded.train_config.precision, device))
+                                                autocast_dtype=autocast_dtype(loaded.train_config.precision, device),
+                                                conditioning=conditioning)
     if images is None:
         return None, None, None
     _info(f"{'reusing' if reused else 'wrote'} {num_images} samples {path}" if path else
@@ -142,6 +143,23 @@ def _run_samples(cfg: Namespace, num_images: int, inception: bool, sample: bool,
     if not reused:
         result["sampling_seconds"] = round(time.perf_counter() - t0, 2)
     return scorer, images, labels
+
+
+def _conditioning(loaded, num_images: int, settings: dict, result: dict):
+    """For a run that does not read class labels: the data asking for class i % K of each image, the way its
+    condition reads (a captioned dataset's held-out prompts), keyed into the set's settings; else None."""
+    from sandbox.eval.samples import balanced_labels, conditioning_for, data_key
+
+    condition = loaded.model.condition
+    if condition.field == "label":
+        return None
+    labels = balanced_labels(num_images, loaded.exp.num_classes)
+    conditioning = conditioning_for(condition, loaded.dataset(), labels)
+    settings["conditioning"] = data_key(conditioning)
+    if "text" in conditioning:  # which prompts asked, in the JSON: a few of them
+        distinct = list(dict.fromkeys(conditioning["text"]))
+        result["prompts"] = {"distinct": len(distinct), "first": distinct[:4]}
+    return conditioning
 
 
 def _scores(cfg: Namespace, scorer, images, labels, given, inception: bool, ref) -> dict:
