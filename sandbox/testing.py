@@ -530,7 +530,8 @@ def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
         item = c.call(f"dataset[{i}]", ds.__getitem__, i)
         c.expect(isinstance(item, tuple) and len(item) == 2, f"dataset[{i}] returned {type(item).__name__}; "
                                                              f"expected a tuple ({what}, label)")
-        image, label = item
+        image, data = item
+        _check_item_data(c, ds, i, data)
         if images_:
             c.tensor(f"dataset[{i}] image", image, (3, S, S), "(3, S, S)")
             lo, hi = float(image.min()), float(image.max())
@@ -539,18 +540,18 @@ def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
         else:
             c.expect(isinstance(image, Tensor) and image.is_floating_point(),
                      f"dataset[{i}] item is {type(image).__name__}; expected a float tensor of moments")
-        is_int = isinstance(label, numbers.Integral) or (isinstance(label, Tensor) and label.numel() == 1
-                                                         and not label.is_floating_point())
-        c.expect(is_int and not isinstance(label, bool), f"dataset[{i}] label is {label!r}; expected an int")
-        c.expect(0 <= int(label) < K, f"dataset[{i}] label {int(label)} is outside [0, num_classes={K})")
-        image2, label2 = ds[i]
-        c.expect(torch.equal(image, image2) and int(label) == int(label2),
+        image2, data2 = ds[i]
+        c.expect(torch.equal(image, image2) and _same_data(data, data2),
                  f"dataset[{i}] differs between two reads; random augmentation belongs in augment(images, generator)")
         loaded = c.call(f"load({i})", ds.load, i)
-        c.expect(loaded is None or (torch.equal(loaded[0], image) and int(loaded[1]) == int(label)),
+        c.expect(loaded is None or (torch.equal(loaded[0], image) and _same_data(loaded[1], data)),
                  f"load({i}) is neither None (unreadable) nor dataset[{i}]")
         items.append(item)
     batch, labels = c.call("torch.utils.data.default_collate(items)", torch.utils.data.default_collate, items)
+    if isinstance(labels, dict):
+        rows = {name: len(value) for name, value in labels.items()}
+        c.expect(set(rows.values()) == {len(items)}, f"a collated batch of {len(items)} items has conditioning "
+                                                     f"fields of {rows} rows; expected {len(items)} each")
     aug_call = f"augment({what}s {tuple(batch.shape)})"
     with c.own_randomness(aug_call):
         out = c.call(aug_call, ds.augment, batch, _gen(0))
@@ -570,6 +571,37 @@ def check_dataset(dataset, max_items: int = 4, **init_args) -> None:
     c.tensor(aug_call, out, tuple(batch.shape), "(B, 3, S, S)")
     lo, hi = float(out.min()), float(out.max())
     c.expect(lo >= -1 - 1e-5 and hi <= 1 + 1e-5, f"{aug_call} spans [{lo:.3g}, {hi:.3g}]; images must stay in [-1, 1]")
+
+
+def _check_item_data(c: _Check, ds, i: int, data) -> int:
+    """An item's conditioning data: an int class when ``fields`` is ("label",), else a dict of exactly those
+    fields (a "label" int among them, when named); returns the label (0 without one)."""
+    K = ds.num_classes
+    fields = tuple(ds.fields)
+    if fields != ("label",):
+        c.expect(isinstance(data, dict) and set(data) == set(fields),
+                 f"dataset[{i}] gives conditioning data {type(data).__name__}"
+                 f"{sorted(data) if isinstance(data, dict) else ''}; fields is {fields}: expected a dict of them")
+        if "label" not in data:
+            return 0
+        label = data["label"]
+    else:
+        label = data
+    is_int = isinstance(label, numbers.Integral) or (isinstance(label, Tensor) and label.numel() == 1
+                                                     and not label.is_floating_point())
+    c.expect(is_int and not isinstance(label, bool), f"dataset[{i}] label is {label!r}; expected an int")
+    c.expect(0 <= int(label) < K, f"dataset[{i}] label {int(label)} is outside [0, num_classes={K})")
+    return int(label)
+
+
+def _same_data(a, b) -> bool:
+    """Two reads of an item's conditioning data agree (ints, strings, tensors, or dicts of them)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_data(a[k], b[k]) for k in a)
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
 
 
 # --------------------------------------------------------------------------------------
@@ -603,15 +635,21 @@ def check_condition(factory, width: int = 16, num_classes: int = 5, batch: int =
     drop = torch.arange(batch) % 2 == 0  # (B,) rows 0, 2, ... dropped
     dropped = c.call("forward(data, drop)", cond, data, drop)
     _check_tokens(c, "forward(data, drop)", dropped, batch, width)
-    if dropped.tokens.shape == null.tokens.shape:
-        same = torch.allclose(dropped.tokens[drop], null.tokens[drop]) and torch.allclose(
-            dropped.tokens[~drop], out.tokens[~drop])
-        c.expect(same, "forward(data, drop) must give the null condition on dropped rows and the condition "
-                       "elsewhere (classifier-free guidance and label drop read it so)")
+    same = all(_same_real(dropped, null if bool(drop[r]) else out, r) for r in range(batch))
+    c.expect(same, "forward(data, drop) must give the null condition on dropped rows and the condition "
+                   "elsewhere (classifier-free guidance and label drop read it so); rows compared at their real "
+                   "tokens (mask)")
     params = [p for p in cond.parameters() if p.requires_grad]
     if params:
         out.tokens.float().sum().backward()
         c.expect(any(p.grad is not None for p in params), "forward(data) is not connected to any parameter")
+
+
+def _same_real(a: ConditionTokens, b: ConditionTokens, row: int) -> bool:
+    """Row ``row`` of two condition outputs holds the same real tokens (those its mask marks; all without one)."""
+    x = a.tokens[row] if a.mask is None else a.tokens[row][a.mask[row]]
+    y = b.tokens[row] if b.mask is None else b.tokens[row][b.mask[row]]
+    return x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
 
 
 def _check_tokens(c: _Check, call: str, out, batch: int, width: int) -> None:

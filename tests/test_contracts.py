@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 
 from sandbox.config import registry
-from sandbox.testing import (check_backbone, check_condition, check_dataset, check_head, check_ordering,
-                             check_tokenizer, contract_args)
+from sandbox.testing import (
+    check_backbone,
+    check_condition,
+    check_dataset,
+    check_head,
+    check_ordering,
+    check_tokenizer,
+    contract_args,
+)
 
 
 def _params(kind):

@@ -276,9 +276,13 @@ def test_a_prefix_only_backbone_takes_any_known_set_when_the_order_is_drawn_per_
 
     known = token_known(parse_mask("top", 8).generate, 2).flatten().expand(2, -1)  # not a raster prefix
     start = (torch.zeros(2, 16, 12), known)
-    with pytest.raises(UserError, match="fixed generation order"):  # the default generation order is raster
+    def fixed(batch, generator=None, device="cpu"):  # the contract's default: the sequence order
+        return torch.arange(exp.ordering.seq_len, device=device).expand(batch, -1)
+
+    exp.ordering.generation_order = fixed
+    with pytest.raises(UserError, match="fixed generation order"):
         sample_tokens(exp.model, exp.ordering, 12, torch.tensor([0, 1]), generator=gen(0), start=start, **OPTS)
-    exp.ordering.generation_order = drawn
+    exp.ordering.generation_order = drawn  # RandomOrdering's own (what a random-order causal model trains on)
     tokens = sample_tokens(exp.model, exp.ordering, 12, torch.tensor([0, 1]), generator=gen(0), start=start, **OPTS)
     assert torch.equal(tokens[known], start[0][known])
 

@@ -25,7 +25,6 @@ from PIL import Image
 from sandbox.eval.report import fmt, read_scores, read_sweeps
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny runs: one thread (restored after, so later tests run with the process's own count)."""

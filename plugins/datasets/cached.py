@@ -5,7 +5,11 @@ picks one view per row with the trainer's generator (the official random flip),
 and the core draws the latent from the moments with the tokenizer
 (``Tokenizer.latent_from_moments``), so posterior sampling stays fresh every
 epoch. The recipe's tokenizer must be the one that made the cache: it is
-checked on a stored probe image.
+checked on a stored probe image. A cache of a captioned dataset also holds the
+captions, and what the recipe's condition cached of them (a frozen text
+encoder's features): items are then ``(views, {"label", "text", ...})``, and a
+recipe's condition must give the same cached features as the one that made it
+(checked on its example data).
 
 References:
     MAR official util/loader.py CachedFolder (moments / moments_flip chosen at random) and engine_mar.py.
@@ -14,12 +18,13 @@ from __future__ import annotations
 
 import tempfile
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from sandbox.core.contracts import Dataset, Tokenizer
+from sandbox.core.contracts import Condition, Dataset, Tokenizer
 from sandbox.errors import UserError
-from sandbox.lab.latent_cache import LatentCache, probe_images, write_cache
+from sandbox.lab.latent_cache import LatentCache, condition_probe, probe_images, write_cache
 
 
 class CachedDataset(Dataset):
@@ -49,12 +54,44 @@ class CachedDataset(Dataset):
         self.random_flip = random_flip
         self.image_size = int(self.cache.index["image_size"])
         self.num_classes = int(self.cache.index["num_classes"])
+        self.fields = self.cache.fields
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.cache[index]  # (2, P, h, w): the image's moments, then its flip's
+    def __getitem__(self, index: int) -> tuple[Tensor, int | dict]:
+        return self.cache[index]  # (2, P, h, w): the image's moments, then its flip's; the label or the fields
+
+    def conditioning(self, labels: Tensor):
+        """With captions: the k-th request of a class gets the k-th stored caption of that class (in turn)."""
+        if self.cache.texts is None:
+            return labels
+        labels = labels.cpu().long()
+        stored = torch.from_numpy(np.array(self.cache.labels))  # a copy: the memory map is read-only
+        texts, seen = [], {}
+        for c in labels.tolist():
+            rows = (stored == c).nonzero()[:, 0]
+            k = seen[c] = seen.get(c, -1) + 1
+            texts.append(self.cache.texts[int(rows[k % len(rows)])] if len(rows) else "")
+        return {"label": labels, "text": texts}
+
+    def check_condition(self, condition: Condition) -> None:
+        """The condition's field is stored; features the cache holds for it came from the same (frozen) encoder."""
+        super().check_condition(condition)
+        stored = self.cache.condition_probe()
+        if not stored:
+            return
+        now = condition_probe(condition, self.cache.index["dtype"])
+        if not set(stored) & set(now):  # cached by another kind of condition: unused here
+            return
+        same = set(stored) == set(now) and all(
+            stored[k].shape == now[k].shape and np.allclose(stored[k].astype(np.float32), now[k].astype(np.float32),
+                                                            atol=1e-2 * max(float(np.abs(stored[k]).max()), 1e-6))
+            for k in stored)
+        if not same:
+            raise UserError(f"latent cache {self.cache.root} holds condition features made by another encoder than "
+                            f"condition {type(condition).__name__}'s ({', '.join(sorted(stored))} of a probe differ); "
+                            "use the condition that made it or rebuild the cache")
 
     def augment(self, views: Tensor, generator: torch.Generator | None = None) -> Tensor:
         B = views.shape[0]  # views: (B, 2, P, h, w)

@@ -14,13 +14,21 @@ reported once: training takes the next readable image in its place, and
 folder without images, or a folder without any, is an error at construction,
 before a run starts.
 
+With ``captions`` each image also has a caption, read from ``metadata.jsonl`` in the root (the Hugging Face
+image-folder convention): one JSON object per line, ``{"file_name": "<path relative to the root>", "text":
+"<caption>"}``. Items are then ``(image, {"label": class, "text": caption})``; the images may also lie directly
+in the root (no class folders: one class). Every image needs exactly one entry and every entry an image: a
+missing or extra entry, a duplicate, a line that is not such an object -- one error line naming it.
+
 References:
     Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", 2021 (ADM center crop,
     guided_diffusion/image_datasets.py center_crop_arr); MAR official util/crop.py and main_mar.py (same
-    crop + RandomHorizontalFlip, images normalised to [-1, 1]); torchvision ImageFolder (layout, file order).
+    crop + RandomHorizontalFlip, images normalised to [-1, 1]); torchvision ImageFolder (layout, file order);
+    Hugging Face datasets, "ImageFolder" docs (metadata.jsonl with file_name and further columns such as text).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -33,6 +41,7 @@ from torch import Tensor
 
 from sandbox.core.contracts import Dataset
 from sandbox.errors import UserError
+from sandbox.lab.latent_cache import PackedStrings
 
 # torchvision's ImageFolder extensions, so the same files count as images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -76,6 +85,57 @@ def list_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
                     paths.append(os.path.join(dirpath, f))
                     labels.append(label)
     return classes, paths, labels
+
+
+METADATA = "metadata.jsonl"
+
+
+def read_captions(root: Path, paths: list[str]) -> list[str]:
+    """The caption of each image in ``paths`` from ``root/metadata.jsonl``; one error line for a missing file,
+    a bad line, a duplicate, and images without an entry or entries without an image (naming a few of each)."""
+    meta = root / METADATA
+    if not meta.is_file():
+        raise UserError(f"no {METADATA} in {root}: captions need one line per image, "
+                        '{"file_name": "<path relative to the folder>", "text": "<caption>"}')
+    captions: dict[str, str] = {}
+    with open(meta, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            name, text = _metadata_entry(meta, n, line)
+            if name in captions:
+                raise UserError(f"{meta}:{n}: a second entry for {name}; give each image one caption")
+            captions[name] = text
+    relative = [Path(p).relative_to(root).as_posix() for p in paths]
+    missing = [r for r in relative if r not in captions]
+    extra = sorted(set(captions) - set(relative))
+    if missing or extra:
+        parts = [f"{len(missing)} image(s) without an entry ({_few(missing)})"] if missing else []
+        parts += [f"{len(extra)} entry(ies) naming no image in the folder ({_few(extra)})"] if extra else []
+        raise UserError(f"{meta} does not match the images in {root}: {'; '.join(parts)}")
+    return [captions[r] for r in relative]
+
+
+def _metadata_entry(meta: Path, n: int, line: str) -> tuple[str, str]:
+    """(file_name, text) of line ``n``: a JSON object with a string file_name and a string text."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta}:{n}: not a JSON object ({e.msg})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not isinstance(
+            entry.get("text"), str):
+        raise UserError(f'{meta}:{n}: expected {{"file_name": "...", "text": "..."}} (strings), got {line.strip()[:80]}')
+    return Path(entry["file_name"]).as_posix().removeprefix("./"), entry["text"]
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (" ..." if len(names) > k else "")
+
+
+def list_flat_folder(root: Path) -> list[str]:
+    """The images directly in ``root`` (a captioned folder without class folders), sorted."""
+    return [str(root / f) for f in sorted(os.listdir(root))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and (root / f).is_file()]
 
 
 def _walk_once(top: Path) -> list[tuple[str, list[str]]]:
@@ -129,6 +189,7 @@ class ImageFolderDataset(Dataset):
         # image_size they are blur, and a 1-pixel strip would become a huge image in the resize
         max_aspect_ratio: float = 20.0,  # longer / shorter side beyond this is skipped and counted: the center
         # crop would keep under 5% of the image, and the resize of an extreme strip can exhaust memory
+        captions: bool = False,  # items (image, {"label", "text"}), the captions read from root/metadata.jsonl
     ):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -139,6 +200,9 @@ class ImageFolderDataset(Dataset):
         self.image_size, self.random_flip = int(image_size), random_flip
         self.min_size, self.max_aspect_ratio = int(min_size), float(max_aspect_ratio)
         classes, paths, labels = list_image_folder(self.root)
+        if captions and not classes:  # a captioned folder may hold its images directly: one class
+            classes, paths = [self.root.name], list_flat_folder(self.root)
+            labels = [0] * len(paths)
         if not paths:
             raise UserError(f"no images in {self.root}: expected <root>/<class>/<image> with extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)}")
@@ -152,11 +216,13 @@ class ImageFolderDataset(Dataset):
         self.paths = np.array(paths)
         self.labels = np.array(labels, dtype=np.int64)
         self.unreadable: dict[str, str] = {}  # path -> why it was skipped (unreadable or unusable), in this process
+        self.texts = PackedStrings(read_captions(self.root, paths)) if captions else None
+        self.fields = ("label", "text") if captions else ("label",)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> tuple[Tensor, int] | None:
+    def load(self, index: int) -> tuple[Tensor, int | dict] | None:
         path = str(self.paths[index])
         try:
             with Image.open(path) as image:
@@ -175,9 +241,11 @@ class ImageFolderDataset(Dataset):
             self._report(path, f"{type(e).__name__}: {e}")
             return None
         image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
+        if self.texts is not None:
+            return image, {"label": int(self.labels[index]), "text": str(self.texts[index])}
         return image, int(self.labels[index])
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int | dict]:
         n = len(self)
         for k in range(n):  # an unreadable file: take the next readable one, so a run never stops on it
             item = self.load((index + k) % n)

@@ -430,6 +430,17 @@ def _amp(bench: dict, device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def _example(model, batch: int, device):
+    """``batch`` rows of the condition's example data (seeded), on ``device``: what a bench of a model that does not
+    read class labels conditions on."""
+    import torch
+
+    from sandbox.core.sampling import to_device
+
+    data = model.condition.example(batch, torch.Generator().manual_seed(0))
+    return to_device(data, device)
+
+
 def _bench_training(model, ordering, token_dim: int, num_classes: int, cfg: Namespace, bench: dict, memory,
                     device, gen, profiles) -> dict:
     """Training steps on random token sequences (what a tokenizer or a latent cache hands the core)."""
@@ -441,6 +452,8 @@ def _bench_training(model, ordering, token_dim: int, num_classes: int, cfg: Name
     opt = make_adamw(model, 0.02, 1e-4, (0.9, 0.95))  # the trainer's optimizer
     seq = torch.randn(cfg.batch_size, ordering.seq_len, token_dim, device=device, generator=gen)  # (B, L, C)
     labels = torch.randint(0, num_classes, (cfg.batch_size,), device=device, generator=gen)
+    if model.condition.field != "label":  # a caption, a condition image: the condition's own example data
+        labels = _example(model, cfg.batch_size, device)
 
     def loss():
         split = model.backbone.training_split(ordering, seq, gen)
@@ -456,17 +469,20 @@ def _bench_training(model, ordering, token_dim: int, num_classes: int, cfg: Name
 def _bench_sampling(model, ordering, token_dim: int, num_classes: int, cfg: Namespace, bench: dict, memory,
                     device, gen, profiles, warm: bool = False) -> dict:
     """Sampling calls of ``sample_batch_size`` images, stopping at tokens (no tokenizer decode)."""
-    from sandbox.core.sampling import sample_tokens
+    from sandbox.core.sampling import sample_tokens, take_rows
     from sandbox.eval.samples import balanced_labels
     from sandbox.fast.sampling import speed_kwargs
 
     model.eval()
     labels = balanced_labels(cfg.sample_batch_size, num_classes, device)
+    if model.condition.field != "label":
+        labels = _example(model, cfg.sample_batch_size, device)
     kwargs = dict(cfg=bench["cfg"], cfg_schedule=bench["cfg_schedule"], temperature=bench["temperature"],
                   autocast_dtype=bench["amp_dtype"], **speed_kwargs(bench["head_steps"], bench["cache"]))
 
     def sample(n: int, num_iter: int):
-        sample_tokens(model, ordering, token_dim, labels[:n], generator=gen, num_iter=num_iter, **kwargs)
+        sample_tokens(model, ordering, token_dim, take_rows(labels, slice(0, n)), generator=gen, num_iter=num_iter,
+                      **kwargs)
 
     # an untimed first call for one-time work: compiling, cached step embeddings, the allocator
     warmup = not warm and (cfg.warmup > 0 or bench["compile_sampling"] or bench["compile"])

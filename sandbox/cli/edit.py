@@ -9,6 +9,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from sandbox.cli.sample import add_sampling_arguments, check_sampling_arguments, load, sampling_options
 from sandbox.errors import UserError
+from sandbox.fast.sampling import speed_kwargs
 
 NAME = "edit"
 HELP = "Edit images with a trained run: inpaint, outpaint, class-guided edits, variations, super-resolution."
@@ -114,6 +115,7 @@ def run(cfg: Namespace) -> None:
     loaded = load(cfg)
     exp, model = loaded.exp, loaded.model
     opts = sampling_options(cfg, loaded)
+    opts.update(speed_kwargs(opts.pop("head_steps"), opts.pop("cache")))  # the sampling core's form
     start, labels = prepare(cfg, exp)
     describe(cfg, start)
     recorder = None

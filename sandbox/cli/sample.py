@@ -111,16 +111,24 @@ def parser() -> ArgumentParser:
     p = ArgumentParser(exit_on_error=False, description=HELP)
     add_sampling_arguments(p)
     p.add_argument("--out", type=str, default="samples.png",
-                   help=".png writes a grid (one row per class); .npz writes images + labels.")
+                   help=".png writes a grid (one row per class, or one captioned row per prompt); .npz writes "
+                        "images + labels (-1: asked by a prompt; the prompts are in its meta).")
+    p.add_argument("--prompt", type=str | None, default=None,
+                   help="A text-conditioned run: generate every image from this prompt.")
+    p.add_argument("--prompts", type=str | None, default=None,
+                   help="A text-conditioned run: a file of prompts, one a line; image i gets prompt i % P "
+                        "(default for a text run: the dataset's prompts for balanced classes).")
     p.add_argument("--animate", type=str | None, default=None,
                    help="Also write FILE.gif: the first batch being generated, one frame per sampling step.")
     return p
 
 
 def sample_from_run(cfg: Namespace, on_step=None):
-    """Load a run and generate ``cfg.num_images`` images -> (the loaded run, images, labels).
+    """Load a run and generate ``cfg.num_images`` images -> (the loaded run, images, the conditioning data: class
+    labels (N,), or a dict of fields such as {"text": prompts}).
 
-    ``on_step(exp, labels)`` may return a per-step callback for the sampling core (e.g. an animation recorder).
+    ``on_step(exp, labels)`` may return a per-step callback for the sampling core (e.g. an animation recorder);
+    ``labels`` are the grid's rows: the classes, or each image's prompt index.
     Under ``torchrun --nproc_per_node N -m sandbox sample|eval ...`` the ranks split the images
     (each batch seeded by its index: the same images for any N); rank 0 receives them all and
     the other ranks get ``images=None``.
@@ -131,38 +139,98 @@ def sample_from_run(cfg: Namespace, on_step=None):
         return _sample_from_run(cfg, on_step)
 
 
-def _sample_from_run(cfg: Namespace, on_step=None):
+def read_prompts(cfg: Namespace) -> list[str] | None:
+    """The prompts of --prompt / --prompts FILE (one a line, blank lines skipped), or None; checked before the run
+    is loaded."""
+    given = [name for name in ("prompt", "prompts", "labels") if cfg.get(name)]
+    if len(given) > 1:
+        raise UserError(f"give one of --{given[0]} and --{given[1]}")
+    if cfg.get("prompt") is not None:
+        return [cfg.prompt]
+    if cfg.get("prompts") is None:
+        return None
+    path = Path(cfg.prompts).expanduser()
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompts file {path}: {e}") from None
+    if not prompts:
+        raise UserError(f"the prompts file {path} holds no prompt (one a line)")
+    return prompts
+
+
+def conditioning_data(cfg: Namespace, loaded, prompts: list[str] | None):
+    """What asks for ``cfg.num_images`` images: the prompts (cycled), the --labels (cycled), or balanced classes
+    (asked the way the run's condition reads them: ``conditioning_for``); one error line for a prompt to a run
+    that does not read text, or labels to one that does not read labels."""
     import torch
 
-    from sandbox.eval.samples import balanced_labels, generate_distributed
+    from sandbox.eval.samples import balanced_labels, conditioning_for
+
+    exp, condition, n = loaded.exp, loaded.model.condition, cfg.num_images
+    what = f"run {loaded.root} is conditioned on {condition.field!r} ({type(condition).__name__})"
+    if prompts is not None:
+        if condition.field != "text":
+            raise UserError(f"{what}, not on text: --prompt / --prompts do not apply"
+                            + ("; use --labels" if condition.field == "label" else ""))
+        return {"text": [prompts[i % len(prompts)] for i in range(n)]}
+    if cfg.labels:
+        if condition.field != "label":
+            raise UserError(f"{what}, not on class labels: --labels does not apply"
+                            + ("; use --prompt TEXT or --prompts FILE" if condition.field == "text" else ""))
+        bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
+        if bad:
+            raise UserError(f"labels {bad} outside the model's classes 0..{exp.num_classes - 1}")
+        return torch.tensor(cfg.labels)[torch.arange(n) % len(cfg.labels)]
+    labels = balanced_labels(n, exp.num_classes)
+    return labels if condition.field == "label" else conditioning_for(condition, loaded.dataset(), labels)
+
+
+def _sample_from_run(cfg: Namespace, on_step=None):
+    from sandbox.eval.samples import generate_distributed
     from sandbox.fast.sampling import speed_kwargs
+    from sandbox.images.grids import layout_labels
     from sandbox.run.device import autocast_dtype
 
     if cfg.num_images < 1:
         raise UserError(f"--num_images must be >= 1, got {cfg.num_images}")
     check_sampling_arguments(cfg)
+    prompts = read_prompts(cfg)
     loaded = load(cfg)
     exp, model = loaded.exp, loaded.model
     opts = sampling_options(cfg, loaded)
-    if cfg.labels:
-        bad = [c for c in cfg.labels if not 0 <= c < exp.num_classes]
-        if bad:
-            raise UserError(f"labels {bad} outside the model's classes 0..{exp.num_classes - 1}")
-        labels = torch.tensor(cfg.labels)[torch.arange(cfg.num_images) % len(cfg.labels)]
-    else:
-        labels = balanced_labels(cfg.num_images, exp.num_classes)
+    data = conditioning_data(cfg, loaded, prompts)
+    labels = layout_labels(data)  # the grid's rows (and the animation's)
     device = next(model.parameters()).device
     callback = on_step(exp, labels) if on_step is not None else None  # rank 0 samples batch 0 first: it animates
     speed = speed_kwargs(opts.pop("head_steps"), opts.pop("cache"))
     images = generate_distributed(
-        exp, labels, batch_size=opts.pop("batch_size"), seed=cfg.seed, model=model, **opts, **speed,
+        exp, data, batch_size=opts.pop("batch_size"), seed=cfg.seed, model=model, **opts, **speed,
         progress=cfg.progress, autocast_dtype=autocast_dtype(loaded.train_config.precision, device), on_step=callback)
-    return loaded, images, labels
+    return loaded, images, data
+
+
+def _write_samples(images, data, out: Path) -> None:
+    """A .png grid (one row per class; one captioned row per prompt) or an .npz of images, labels (-1 where a
+    prompt alone asked) and, with prompts, the prompts in its meta."""
+    import torch
+
+    from sandbox.images.grids import save_class_grid, save_prompt_grid
+    from sandbox.images.io import save_npz
+
+    texts = data.get("text") if isinstance(data, dict) else None
+    if out.suffix == ".png":
+        if texts is not None:
+            save_prompt_grid(images, list(texts), out)
+        else:
+            save_class_grid(images, data if not isinstance(data, dict) else data["label"], out)  # one row per class
+        return
+    labels = data if not isinstance(data, dict) else data.get("label", torch.full((len(images),), -1))
+    save_npz(images, labels, out, meta={"prompts": list(texts)} if texts is not None else None)
 
 
 def run(cfg: Namespace) -> None:
-    from sandbox.images.grids import save_class_grid, save_gif
-    from sandbox.images.io import save_npz
+    from sandbox.images.grids import save_gif
 
     out = Path(cfg.out)
     if out.suffix not in (".png", ".npz"):
@@ -178,13 +246,10 @@ def run(cfg: Namespace) -> None:
         recorder = FrameRecorder(exp, labels)
         return recorder
 
-    loaded, images, labels = sample_from_run(cfg, on_step=record if cfg.animate else None)
+    loaded, images, data = sample_from_run(cfg, on_step=record if cfg.animate else None)
     if images is None:  # a rank other than 0 of a multi-process run: rank 0 writes
         return
-    if out.suffix == ".png":
-        save_class_grid(images, labels, out)  # one row per class
-    else:
-        save_npz(images, labels, out)
+    _write_samples(images, data, out)
     print(f"wrote {cfg.num_images} images to {out} (step {loaded.step}, {'EMA' if loaded.ema else 'raw'} weights)")
     if recorder is not None:
         save_gif(recorder.captioned(), cfg.animate)

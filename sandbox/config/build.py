@@ -9,7 +9,7 @@ import torch
 from jsonargparse import Namespace
 
 from sandbox.config.recipe import instantiate, slot_classes
-from sandbox.core.contracts import Dataset, Head, Ordering, Tokenizer
+from sandbox.core.contracts import Backbone, Condition, Dataset, Head, Ordering, Tokenizer
 from sandbox.core.model import MAR
 from sandbox.errors import UserError
 
@@ -48,6 +48,7 @@ def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
     backbone.check_ordering(ordering)  # e.g. a backbone that generates one token per step
     backbone.set_groups(ordering.groups())
     condition = instantiate(cfg, "condition", backbone.cond_width, meta["num_classes"])
+    check_condition_fits(condition, backbone, dataset)
     head = build_head(cfg, tokenizer, backbone.out_dim)
     if head.token_dim != tokenizer.token_dim or head.cond_dim != backbone.out_dim:
         raise UserError(
@@ -57,6 +58,18 @@ def build(cfg: Namespace, meta: dict | None = None) -> Experiment:
     tokenizer.requires_grad_(False).eval()
     return Experiment(cfg, tokenizer, ordering, MAR(condition, backbone, head, model_cfg), meta["image_size"],
                       meta["num_classes"], dataset, meta)
+
+
+def check_condition_fits(condition: Condition, backbone: Backbone, dataset: Dataset | None) -> None:
+    """The condition's tokens fit the backbone (``max_tokens`` against ``max_condition_tokens``) and the dataset
+    gives the field it reads (``Dataset.check_condition``; a latent cache also checks cached encoder outputs)."""
+    most, room = condition.max_tokens, backbone.max_condition_tokens
+    if most is not None and room is not None and most > room:
+        raise UserError(f"condition {type(condition).__name__} gives up to {most} tokens but backbone "
+                        f"{type(backbone).__name__} takes {room}; give the backbone room for {most} (MARBackbone: model.buffer_size) or "
+                        "the condition fewer tokens (e.g. a smaller max_length)")
+    if dataset is not None:
+        dataset.check_condition(condition)
 
 
 def build_head(cfg: Namespace, tokenizer: Tokenizer, cond_dim: int) -> Head:

@@ -115,8 +115,18 @@ def check_images(dataset, images: Tensor, size: int) -> None:
                                          f"(B, 3, {size}, {size}): RGB in [-1, 1] at its image_size")
 
 
-def check_labels(dataset, labels: Tensor) -> None:
-    """A batch's labels (B,) are integers in [0, num_classes) (checked on the CPU, before they move)."""
+def check_labels(dataset, labels) -> None:
+    """A batch's labels (B,) are integers in [0, num_classes) (checked on the CPU, before they move); a batch of
+    several conditioning fields (a dict) has the same number of rows in each, and its "label", when there, is
+    such labels."""
+    if isinstance(labels, dict):
+        rows = {name: len(value) if hasattr(value, "__len__") else None for name, value in labels.items()}
+        if len(set(rows.values())) > 1 or None in rows.values():
+            raise broken(dataset, "dataset", f"gave a batch whose conditioning fields have different numbers of "
+                                             f"rows {rows}; every field needs one row per image")
+        if "label" in labels:
+            check_labels(dataset, labels["label"])
+        return
     k = int(dataset.num_classes)
     if isinstance(labels, Tensor):
         bad = labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool

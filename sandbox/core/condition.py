@@ -22,6 +22,7 @@ class ClassCondition(Condition):
     """Class label -> one learned token (MAR's class embedding); the learned fake latent is the null condition."""
 
     field = "label"
+    max_tokens = 1
 
     def __init__(self, width: int, num_classes: int):
         super().__init__(width, num_classes)

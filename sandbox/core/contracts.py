@@ -300,6 +300,7 @@ class Condition(nn.Module):
     contract_args: dict = {}  # small init_args for the contract tests (sandbox.testing)
     resumable_args: tuple[str, ...] = ()  # init_args a resumed run may change (they do not change what is trained)
     field: str = "label"  # the batch field it reads
+    max_tokens: int | None = None  # T at most (None: not declared); the core checks it against the backbone's room
 
     def __init__(self, width: int, num_classes: int):
         super().__init__()
@@ -328,6 +329,12 @@ class Condition(nn.Module):
         """A batch of the data this condition reads (the contract kit and ``sandbox bench`` feed it): class
         labels by default."""
         return torch.randint(0, max(self.num_classes, 1), (batch,), generator=generator)
+
+    def cached(self, data) -> dict[str, Tensor]:
+        """What a latent cache may store for a batch of this condition's data so that training skips a frozen
+        encoder: {name: (B, ...) tensor}, the same for the same data whatever ``width`` and the trained weights
+        are. ``forward`` then finds these names among the batch's fields. Default: nothing ({})."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------
@@ -363,6 +370,7 @@ class Backbone(nn.Module):
     resumable_args: tuple[str, ...] = ()  # init_args a resumed run may change (they do not change what is trained)
     out_dim: int = 0  # D: the width of the conditions it gives the head
     cond_width: int = 0  # W: the width of the condition tokens it reads
+    max_condition_tokens: int | None = None  # the most condition tokens it takes (None: any number)
     one_token_per_step: bool = False  # True: every sampling step must predict exactly one position
     # True: a generation can only continue known tokens that come first in the ordering's generation order (a
     # causal backbone reads the known tokens as a prefix); False: any known set (a bidirectional one sees them all)
@@ -481,7 +489,9 @@ class Head(nn.Module):
 # Dataset: labelled images in [-1, 1]
 # --------------------------------------------------------------------------------------
 class Dataset(torch.utils.data.Dataset):
-    """Labelled images: ``dataset[i] -> (image (3,H,W) float in [-1,1], label int)``.
+    """Labelled images: ``dataset[i] -> (image (3,H,W) float in [-1,1], label int)``, or, for a dataset with more
+    conditioning fields than the class (``fields``: a caption, a condition image), ``(image, {"label": int,
+    "text": str, ...})``.
 
     Subclasses set ``image_size`` (H = W) and ``num_classes``. Random
     augmentation happens on whole batches in ``augment`` with the trainer's
@@ -496,6 +506,8 @@ class Dataset(torch.utils.data.Dataset):
 
     image_size: int = 0
     num_classes: int = 0
+    # the conditioning fields of its items: ("label",) items hold a class index; otherwise a dict of these fields
+    fields: tuple[str, ...] = ("label",)
     # what items hold: "images" (the core encodes them with the tokenizer) or "moments" (a latent
     # cache: ``augment`` turns a batch of items into tokenizer moments (B,P,h,w), the core samples
     # latents from them with ``Tokenizer.latent_from_moments``)
@@ -535,6 +547,20 @@ class Dataset(torch.utils.data.Dataset):
         result, so a split that training saw as well (a recipe that trains on everything) should say so there.
         """
         return None
+
+    def check_condition(self, condition: Condition) -> None:
+        """Raise UserError when this dataset cannot feed ``condition``: by default when its items lack the field
+        the condition reads (a caption for a text condition)."""
+        if condition.field not in self.fields:
+            raise UserError(f"condition {type(condition).__name__} reads the field {condition.field!r}, but dataset "
+                            f"{type(self).__name__} gives {', '.join(map(repr, self.fields))}; use a dataset that "
+                            f"provides {condition.field!r} (docs/conditions.md)")
+
+    def conditioning(self, labels: Tensor):
+        """The conditioning data that asks for the classes ``labels`` (B,): what sample grids and evaluation
+        generate from, the scorer then checking the asked class. Default: the labels themselves; a captioned
+        dataset gives {"label": labels, "text": [a prompt per row]}."""
+        return labels
 
     def scorer(self):
         """An offline score for samples of this dataset, or None.

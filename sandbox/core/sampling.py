@@ -153,6 +153,13 @@ def batch_size(labels, num_images: int | None) -> int:
     return len(labels)
 
 
+def take_rows(data, rows: slice):
+    """Rows ``rows`` of conditioning data: a tensor's, a list's, or each field's of a dict."""
+    if isinstance(data, dict):
+        return {k: take_rows(v, rows) for k, v in data.items()}
+    return data[rows]
+
+
 def to_device(data, device):
     """Conditioning data with its tensors on ``device`` (lists of strings stay as they are)."""
     if isinstance(data, dict):

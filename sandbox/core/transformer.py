@@ -103,6 +103,7 @@ class MARBackbone(Backbone):
         self.config = config = model
         cfg, D, Dd, buf = config, config.encoder_dim, config.decoder_dim, config.buffer_size
         self.out_dim, self.cond_width = Dd, D
+        self.max_condition_tokens = buf  # T condition tokens fill the first T of the buffer's slots
         norm = partial(nn.LayerNorm, eps=cfg.norm_eps)
 
         # ----- encoder -----

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sandbox.core.sampling import generate
+from sandbox.core.sampling import batch_size as rows_of
+from sandbox.core.sampling import generate, take_rows
 from sandbox.errors import UserError
 from sandbox.fast.sampling import speed_kwargs
 from sandbox.images.io import read_image_set, save_npz, to_uint8
@@ -41,6 +42,31 @@ def balanced_labels(num_images: int, num_classes: int, device="cpu") -> Tensor:
     return torch.arange(num_images, device=device) % num_classes
 
 
+def conditioning_for(condition, dataset, labels: Tensor):
+    """The conditioning data that asks a model's ``condition`` for the classes ``labels`` (B,): the labels for a
+    condition that reads them, else the dataset's (``Dataset.conditioning``: prompts, condition images), with one
+    error line when the dataset cannot ask that condition (it gives no such field)."""
+    if condition.field == "label":
+        return labels
+    data = dataset.conditioning(labels)
+    if not isinstance(data, dict) or condition.field not in data:
+        given = sorted(data) if isinstance(data, dict) else "class labels"
+        raise UserError(f"condition {type(condition).__name__} reads {condition.field!r}, but dataset "
+                        f"{type(dataset).__name__} asks for a class with {given}; give the data yourself (sample: "
+                        "--prompt / --prompts; Python: sandbox.generate(run, prompts=...))")
+    return data
+
+
+def data_key(data) -> str:
+    """A short digest of conditioning data (prompts, images): part of an evaluation set's settings."""
+    h = hashlib.sha1()
+    for name in sorted(data) if isinstance(data, dict) else [None]:
+        value = data[name] if name is not None else data
+        h.update(str(name).encode())
+        h.update(value.cpu().numpy().tobytes() if isinstance(value, Tensor) else json.dumps(list(value)).encode())
+    return h.hexdigest()[:12]
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """The generator seed of sampling chunk ``chunk``: chunks are seeded by their index, not by who samples them."""
     return seed * 1_000_003 + chunk
@@ -51,15 +77,17 @@ def chunk_generator(seed: int, k: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(chunk_seed(seed, k))
 
 
-def generate_chunks(exp, labels: Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+def generate_chunks(exp, labels, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                     progress: bool = False, **kwargs) -> Iterator[tuple[int, Tensor]]:
-    """(k, images of chunk k) for the chunks ``labels.split(batch_size)`` that ``rank`` owns (k % world_size).
+    """(k, images of chunk k) for the chunks of ``batch_size`` rows of the conditioning data ``labels`` (class
+    labels, or a dict of fields) that ``rank`` owns (k % world_size).
 
     Chunk k is seeded by (seed, k) whoever samples it, so the images are the same for any number
     of ranks (given the same ``batch_size``). For evaluations that reduce images to features
     per rank (e.g. FID) without gathering the images.
     """
-    chunks = labels.split(batch_size)
+    n = rows_of(labels, None)
+    chunks = [take_rows(labels, slice(lo, lo + batch_size)) for lo in range(0, n, batch_size)]
     mine = range(rank, len(chunks), world_size)
     device = next((kwargs.get("model") or exp.model).parameters()).device
     for k in tqdm(mine, desc="batches", disable=not progress or len(mine) <= 1):
@@ -68,13 +96,13 @@ def generate_chunks(exp, labels: Tensor, batch_size: int, seed: int, rank: int =
         yield k, images.cpu()
 
 
-def generate_many(exp, labels: Tensor, batch_size: int, seed: int, progress: bool = False, **kwargs) -> Tensor:
+def generate_many(exp, labels, batch_size: int, seed: int, progress: bool = False, **kwargs) -> Tensor:
     """Generate in batches of ``batch_size``; batch k uses generator seed (seed, k), so a seed fixes the set."""
     return torch.cat([images for _, images in generate_chunks(exp, labels, batch_size, seed, progress=progress,
                                                               **kwargs)])
 
 
-def generate_distributed(exp, labels: Tensor, batch_size: int, seed: int, dst: int | None = 0,
+def generate_distributed(exp, labels, batch_size: int, seed: int, dst: int | None = 0,
                          progress: bool = False, **kwargs) -> Tensor | None:
     """``generate_many`` split over the ranks of the current process group; every rank must call it.
 
@@ -103,12 +131,14 @@ MODES = {"5k": 5_000, "10k": 10_000, "50k": 50_000}  # FID-5K for quick checks, 
 
 @torch.no_grad()
 def generate_eval_images(exp, model, indices: Sequence[int], total: int, *, seed: int, chunk_size: int,
-                         progress: bool = False, **sampling) -> tuple[np.ndarray, np.ndarray]:
+                         progress: bool = False, conditioning=None, **sampling) -> tuple[np.ndarray, np.ndarray]:
     """Images ``indices`` of the class-balanced evaluation set of ``total`` images -> (uint8 (n,H,W,3), labels (n,)).
 
     Each chunk that holds a requested index is generated whole (so a request that splits a chunk still gets
     the images a whole-chunk request gets) and converted to uint8 at once (50k float images would not fit).
-    ``sampling``: ``generate`` options (num_iter, cfg, cfg_schedule, temperature, autocast_dtype).
+    ``conditioning``: the conditioning data of all ``total`` images when it is not the class labels (prompts
+    that ask for class i % K: ``conditioning_for``). ``sampling``: ``generate`` options (num_iter, cfg,
+    cfg_schedule, temperature, autocast_dtype).
     """
     indices = [int(i) for i in indices]
     if not indices or any(not 0 <= i < total for i in indices) or len(set(indices)) < len(indices):
@@ -122,8 +152,9 @@ def generate_eval_images(exp, model, indices: Sequence[int], total: int, *, seed
     for k in tqdm(sorted(wanted), desc="eval samples", disable=not progress, file=sys.stderr):
         lo, hi = k * chunk_size, min((k + 1) * chunk_size, total)
         labels = torch.arange(lo, hi, device=device) % exp.num_classes  # class-balanced by index
+        data = labels if conditioning is None else take_rows(conditioning, slice(lo, hi))
         g = chunk_generator(seed, k, device)
-        images = to_uint8(generate(exp, labels, generator=g, model=model, **sampling))  # (hi-lo, H, W, 3)
+        images = to_uint8(generate(exp, data, generator=g, model=model, **sampling))  # (hi-lo, H, W, 3)
         if out is None:
             out = np.empty((len(indices), *images.shape[1:]), dtype=np.uint8)
         for i in wanted[k]:
@@ -138,9 +169,11 @@ def eval_set_path(run_root: Path, settings: dict) -> Path:
 
 
 def eval_samples(exp, model, settings: dict, run_root: Path, progress: bool = False,
-                 autocast_dtype=None) -> tuple[np.ndarray, np.ndarray, Path | None, bool]:
+                 autocast_dtype=None, conditioning=None) -> tuple[np.ndarray, np.ndarray, Path | None, bool]:
     """The evaluation set fixed by ``settings`` (num_images, seed, chunk_size, num_iter, cfg, cfg_schedule,
-    temperature, step, ema; head_steps and cache when set): read from the run directory when it is there, else generated and written.
+    temperature, step, ema; head_steps and cache when set; a digest of ``conditioning`` when given: the data
+    asking for each image's class when it is not the label): read from the run directory when it is there, else
+    generated and written.
     Returns (images, labels, path, reused), path None when the set could not be written (a read-only run
     directory: a warning); under several ranks, every rank must call it and only rank 0 gets the images (the
     others get ``(None, None, path, False)``)."""
@@ -157,7 +190,7 @@ def eval_samples(exp, model, settings: dict, run_root: Path, progress: bool = Fa
     part = generate_eval_images(
         exp, model, mine, n, seed=settings["seed"], chunk_size=cs, progress=progress and me.is_main,
         num_iter=settings["num_iter"], cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"],
-        temperature=settings["temperature"], autocast_dtype=autocast_dtype,
+        temperature=settings["temperature"], autocast_dtype=autocast_dtype, conditioning=conditioning,
         **speed_kwargs(settings.get("head_steps"), settings.get("cache", "off"))) if mine else None
     if me.enabled:
         parts = distributed.gather_objects((mine, part), dst=0)

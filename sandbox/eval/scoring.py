@@ -64,9 +64,12 @@ class SampleSet:
     path: Path | None
     reused: bool
     seconds: float
+    prompts: dict | None = None  # a text-conditioned run: how many distinct prompts asked, and the first few
 
     def describe(self) -> dict:
         out = {"samples": str(self.path) if self.path else None}
+        if self.prompts is not None:
+            out["prompts"] = self.prompts
         if not self.reused:
             out["sampling_seconds"] = round(self.seconds, 2)
         return out
@@ -79,15 +82,36 @@ def sample_set(loaded, settings: dict, progress: bool = False) -> SampleSet:
     from sandbox.run.device import autocast_dtype
 
     device = next(loaded.model.parameters()).device
+    conditioning, prompts = _conditioning(loaded, settings["num_images"])
+    if conditioning is not None:  # the data that asks is part of what fixes the set
+        from sandbox.eval.samples import data_key
+
+        settings = {**settings, "conditioning": data_key(conditioning)}
     t0 = time.perf_counter()
     images, labels, path, reused = eval_samples(
         loaded.exp, loaded.model, settings, loaded.root, progress=progress,
-        autocast_dtype=autocast_dtype(loaded.train_config.precision, device))
+        autocast_dtype=autocast_dtype(loaded.train_config.precision, device), conditioning=conditioning)
     seconds = time.perf_counter() - t0
     if images is not None:
         n = settings["num_images"]
         info(f"{'reusing' if reused else 'wrote'} {n} samples {path}" if path else f"sampled {n} images (not kept)")
-    return SampleSet(images, labels, path, reused, seconds)
+    return SampleSet(images, labels, path, reused, seconds, prompts)
+
+
+def _conditioning(loaded, num_images: int) -> tuple[object, dict | None]:
+    """For a run that does not read class labels: the data asking for class i % K of each image, the way its
+    condition reads it (a captioned dataset's held-out prompts), and a summary of the prompts; else (None, None)."""
+    from sandbox.eval.samples import balanced_labels, conditioning_for
+
+    condition = loaded.model.condition
+    if condition.field == "label":
+        return None, None
+    labels = balanced_labels(num_images, loaded.exp.num_classes)
+    conditioning = conditioning_for(condition, loaded.dataset(), labels)
+    if not (isinstance(conditioning, dict) and "text" in conditioning):
+        return conditioning, None
+    distinct = list(dict.fromkeys(conditioning["text"]))
+    return conditioning, {"distinct": len(distinct), "first": distinct[:4]}
 
 
 # --------------------------------------------------------------------------------------
@@ -160,10 +184,8 @@ def score_samples(scorer, inception: Inception | None, images: np.ndarray, label
 def dataset_scorer(loaded, inception: Inception | None, nll: bool = False):
     """The offline scorer of the run's dataset (None when it has none); one error line when there is then
     nothing to measure (no scorer, no Inception metrics and no likelihood)."""
-    from sandbox.config.recipe import instantiate
-
     cfg = loaded.exp.cfg
-    scorer = instantiate(cfg, "data").scorer()
+    scorer = loaded.dataset().scorer()
     if scorer is None and inception is None and not nll:
         raise UserError(f"dataset {cfg.data.class_path} has no offline scorer; pass --ref REF for FID / IS")
     return scorer

@@ -199,7 +199,7 @@ class MARStepCache(BackboneSampler):
     def full_step(self, tokens: Tensor, visible: Tensor, predict: Tensor, B: int) -> Tensor:
         """Every row of every block computed and its keys and values kept -> z at the predicted positions
         (N, D); with guidance the last block also runs at every hidden position, for z_uncond - z_cond there."""
-        bb, R, L = self.backbone, tokens.shape[0], tokens.shape[1]
+        R, L = tokens.shape[0], tokens.shape[1]
         every = visible.new_ones(R, self.slots)  # (R, S)
         enc, slots, buffer_keys = self.encode(tokens, visible, self.cond, every)
         # the positions whose conditions are needed: the predicted ones (an ordering may show them, with a
@@ -271,7 +271,7 @@ class MARStepCache(BackboneSampler):
     def store(self, key, blk, qkv: Tensor, sel: "Rows") -> tuple[Tensor, Tensor]:
         """Write the fresh keys and values (``qkv``'s rows at ``sel.pos``) into the cache ``key`` -> the keys
         and values (B, H, K, d) of every slot ``sel`` attends (the fresh ones when every slot was computed)."""
-        (B, A, W3), W = qkv.shape, qkv.shape[-1] // 3
+        (B, A, _), W = qkv.shape, qkv.shape[-1] // 3
         if key not in self.kv:
             self.kv[key] = qkv.new_zeros(self.cond.tokens.shape[0] * self.slots, 2 * W)
         cache, fresh = self.kv[key], qkv[..., W:]  # (R * S, 2W), (B, A, 2W)

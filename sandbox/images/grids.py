@@ -1,4 +1,4 @@
-"""Pictures of samples: grids (one row per class), PNGs and GIFs."""
+"""Pictures of samples: grids (one row per class, or one captioned row per prompt), PNGs and GIFs."""
 from __future__ import annotations
 
 import io
@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -59,6 +60,59 @@ def class_grid(images: Tensor | np.ndarray, labels: Tensor, pad: int = 1, upscal
     slots, ncol = class_layout(labels)
     size = images.shape[1] if isinstance(images, np.ndarray) else images.shape[-1]
     return make_grid(images, ncol=ncol, pad=pad, upscale=upscale or default_upscale(size), slots=slots)
+
+
+CAPTION_HEIGHT = 14  # px: Pillow's default font is ~11 px tall
+MIN_CAPTIONED_WIDTH = 240  # px: room for ~40 characters of a prompt beside a short row
+
+
+def prompt_rows(prompts: list[str]) -> tuple[list[str], Tensor]:
+    """(the distinct prompts in order of first appearance, the index of each image's prompt (N,))."""
+    distinct = list(dict.fromkeys(prompts))
+    where = {p: i for i, p in enumerate(distinct)}
+    return distinct, torch.tensor([where[p] for p in prompts], dtype=torch.long)
+
+
+def prompt_grid(images: Tensor | np.ndarray, prompts: list[str], pad: int = 1, max_cols: int = 16) -> np.ndarray:
+    """A grid with one row per distinct prompt (in order of first appearance; a long one wraps), each under a
+    caption strip that prints the prompt: (N,3,H,W) in [-1,1] or (N,H,W,3) uint8 -> uint8."""
+    from PIL import Image, ImageDraw
+
+    arr = images if isinstance(images, np.ndarray) else to_uint8(images)
+    distinct, ids = prompt_rows(list(prompts))
+    ncol = min(max(int((ids == i).sum()) for i in range(len(distinct))), max_cols)
+    upscale = default_upscale(arr.shape[1])
+    parts = []
+    for i in range(len(distinct)):
+        parts.append(make_grid(arr[(ids == i).numpy()], ncol=ncol, pad=pad, upscale=upscale))  # (h, w, 3)
+    width = max(max(p.shape[1] for p in parts), MIN_CAPTIONED_WIDTH)
+    out = []
+    for prompt, rows in zip(distinct, parts):
+        strip = Image.new("RGB", (width, CAPTION_HEIGHT), (255, 255, 255))
+        fits = max(4, width // 6)  # the default font is ~6 px a character
+        text = prompt if len(prompt) <= fits else prompt[: fits - 3] + "..."
+        ImageDraw.Draw(strip).text((2, 1), text, fill=(0, 0, 0))
+        padded = np.full((rows.shape[0], width, 3), 255, dtype=np.uint8)
+        padded[:, : rows.shape[1]] = rows
+        out += [np.asarray(strip), padded]
+    return np.concatenate(out, axis=0)
+
+
+def layout_labels(data) -> Tensor:
+    """The rows of a grid of images asked by conditioning ``data``: the class labels, or (prompts alone) the
+    index of each image's prompt."""
+    if not isinstance(data, dict):
+        return torch.as_tensor(data).cpu()
+    if "label" in data:
+        return torch.as_tensor(data["label"]).cpu()
+    if "text" in data:
+        return prompt_rows(list(data["text"]))[1]
+    return torch.zeros(len(next(iter(data.values()))), dtype=torch.long)
+
+
+def save_prompt_grid(images: Tensor | np.ndarray, prompts: list[str], path: str | Path) -> None:
+    """A PNG with one captioned row per prompt."""
+    save_png(prompt_grid(images, prompts), path)
 
 
 def default_upscale(image_size: int) -> int:

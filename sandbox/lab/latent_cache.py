@@ -11,6 +11,10 @@ reports ~2x faster training). The cache is a directory:
     sources.npy          (N,) int64 dataset index of each entry (unreadable images are left out)
     probe.npy            the tokenizer's moments of a fixed random image: checks a recipe uses the same tokenizer
     moments-00000.npy    (rows, 2, P, h, w) in a few large memory-mapped shards; view 0 = image, 1 = its flip
+    texts.jsonl          a captioned dataset's caption of each entry, one JSON string a line
+    condition-NAME.npy   (N, ...) what the recipe's condition caches of each entry (``Condition.cached``: a frozen
+                         text encoder's features and mask), so training runs no encoder; condition-probe-NAME.npy:
+                         the same of the condition's example data, to check a recipe uses the same encoder
 
 Writing is resumable: rows are flushed before ``index.json`` (rewritten
 atomically) records them, so an interrupted run continues where it stopped.
@@ -66,11 +70,18 @@ class CacheSettings:
     dtype: str
     shard_size: int
     recipe: dict  # the data and tokenizer parts of the recipe that made the cache
+    texts: bool = False  # the dataset's items carry captions: stored in texts.jsonl
+    condition: dict | None = None  # name -> {"shape", "dtype"} of what the condition caches per entry
 
     def as_dict(self) -> dict:
-        return {"num_images": self.num_images, "image_size": self.image_size, "num_classes": self.num_classes,
-                "moment_shape": list(self.moment_shape), "dtype": self.dtype, "shard_size": self.shard_size,
-                "recipe": self.recipe}
+        out = {"num_images": self.num_images, "image_size": self.image_size, "num_classes": self.num_classes,
+               "moment_shape": list(self.moment_shape), "dtype": self.dtype, "shard_size": self.shard_size,
+               "recipe": self.recipe}
+        if self.texts:  # only then: an unconditional-text cache keeps the index it had before captions
+            out["texts"] = True
+        if self.condition:
+            out["condition"] = self.condition
+        return out
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -87,18 +98,26 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _collate(rows):
+    """(last index, kept indices, images (b,3,S,S), conditioning data: {"label": (b,) int64, "text": [b str]?, ...})
+    of a batch of (index, item or None)."""
     kept = [(i, item) for i, item in rows if item is not None]
     last = max(i for i, _ in rows)
     if not kept:
         return last, [], None, None
-    return (last, [i for i, _ in kept], torch.stack([item[0] for _, item in kept]),
-            torch.tensor([int(item[1]) for _, item in kept], dtype=torch.int64))
+    datas = [item[1] if isinstance(item[1], dict) else {"label": item[1]} for _, item in kept]
+    data = {name: [d[name] for d in datas] for name in datas[0]}
+    data["label"] = torch.tensor([int(x) for x in data.get("label", [0] * len(kept))], dtype=torch.int64)
+    if "image" in data:  # a condition image is collated as a batch (a condition may cache its features)
+        data["image"] = torch.stack(data["image"])
+    return last, [i for i, _ in kept], torch.stack([item[0] for _, item in kept]), data
 
 
 def write_cache(dataset, tokenizer, out: str | Path, recipe: dict, batch_size: int = 64, num_workers: int = 0,
                 device: torch.device | str = "cpu", shard_size: int = 100_000, dtype: str = "float32",
-                progress: bool = True) -> dict:
-    """Encode every image of ``dataset`` and its flip with ``tokenizer.moments`` into ``out``; resume if started."""
+                progress: bool = True, condition=None) -> dict:
+    """Encode every image of ``dataset`` and its flip with ``tokenizer.moments`` into ``out``; resume if started.
+    A captioned dataset's captions are kept; ``condition``: what it caches of each entry (``Condition.cached``)
+    is stored too."""
     out = Path(out)
     if dtype not in DTYPES:
         raise UserError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype}")
@@ -107,10 +126,13 @@ def write_cache(dataset, tokenizer, out: str | Path, recipe: dict, batch_size: i
     S = int(dataset.image_size)
     if S % tokenizer.stride:
         raise UserError(f"image size {S} is not divisible by the tokenizer's stride {tokenizer.stride}")
+    probe = condition_probe(condition, dtype)
     settings = CacheSettings(len(dataset), S, int(dataset.num_classes),
                              (tokenizer.moment_channels, S // tokenizer.stride, S // tokenizer.stride),
-                             dtype, shard_size, recipe)
-    index, mode = _open_index(out, settings, tokenizer, device)
+                             dtype, shard_size, recipe, texts="text" in getattr(dataset, "fields", ()),
+                             condition={k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)}
+                                        for k, v in probe.items()} or None)
+    index, mode = _open_index(out, settings, tokenizer, device, probe)
     if index["complete"]:
         print(f"{out} is already a complete cache of {index['count']} images")
         return index
@@ -123,10 +145,10 @@ def write_cache(dataset, tokenizer, out: str | Path, recipe: dict, batch_size: i
     t0, encoded = time.perf_counter(), 0
     bar = tqdm(total=N, initial=start, disable=not progress, desc="cache", unit="img", dynamic_ncols=True)
     with bar, open_loader(loader) as stream:  # its workers stop when the loop ends, however it ends
-        for last, kept, images, batch_labels in stream:
+        for last, kept, images, data in stream:
             if kept:
-                encoded += _write_rows(arrays, index["count"], kept, images, batch_labels, tokenizer, device,
-                                       shard_size)
+                encoded += _write_rows(arrays, index["count"], kept, images, data, tokenizer, device, shard_size,
+                                       condition if settings.condition else None)
             first = index["next_index"]
             index["skipped"] += sorted(set(range(first, last + 1)) - set(kept))
             index["next_index"], index["count"] = last + 1, index["count"] + len(kept)
@@ -138,16 +160,33 @@ def write_cache(dataset, tokenizer, out: str | Path, recipe: dict, batch_size: i
     return index
 
 
-def _open_index(out: Path, settings: CacheSettings, tokenizer, device) -> tuple[dict, str]:
-    """The cache's index (a new one, with the tokenizer's probe, or the one being resumed: same settings) and the
-    mode to open its arrays in."""
+def condition_probe(condition, dtype: str) -> dict[str, np.ndarray]:
+    """What ``condition`` caches of its example data (two rows, seed 0), as stored arrays; {} for a condition that
+    caches nothing (or none)."""
+    if condition is None:
+        return {}
+    with torch.no_grad():
+        cached = condition.cached(condition.example(2, torch.Generator().manual_seed(0)))
+    return {name: _stored(value, dtype) for name, value in cached.items()}
+
+
+def _stored(value: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as the cache stores it: floats in the cache's dtype, the rest (masks, ids) as they are."""
+    arr = value.detach().cpu()
+    return arr.float().numpy().astype(DTYPES[dtype]) if arr.is_floating_point() else arr.numpy()
+
+
+def _open_index(out: Path, settings: CacheSettings, tokenizer, device, probe: dict) -> tuple[dict, str]:
+    """The cache's index (a new one, with the tokenizer's and the condition's probes, or the one being resumed:
+    same settings) and the mode to open its arrays in."""
     if (out / INDEX).is_file():
         index = _read_index(out)
         expected = json.loads(json.dumps(settings.as_dict()))  # as JSON stores it (tuples become lists)
-        diffs = [k for k in expected if index.get(k) != expected[k]]
+        diffs = [k for k in {*expected, *index} - _PROGRESS if index.get(k) != expected.get(k)]
         if diffs:
-            raise UserError(f"{out} holds a latent cache made with different settings ({', '.join(diffs)}); "
+            raise UserError(f"{out} holds a latent cache made with different settings ({', '.join(sorted(diffs))}); "
                             "use another --out or the same recipe and options")
+        _keep_rows(out / TEXTS, int(index["count"]))  # captions written after the last recorded batch: redone
         return index, "r+"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -159,10 +198,27 @@ def _open_index(out: Path, settings: CacheSettings, tokenizer, device) -> tuple[
              "shards": [{"file": _shard_name(k), "rows": c} for k, c in enumerate(capacities)],
              "next_index": 0, "count": 0, "skipped": [], "complete": False}
     with torch.no_grad():
-        probe = tokenizer.moments(probe_images(settings.image_size).to(device)).float().cpu().numpy()
-    np.save(out / "probe.npy", probe)
+        moments = tokenizer.moments(probe_images(settings.image_size).to(device)).float().cpu().numpy()
+    np.save(out / "probe.npy", moments)
+    for name, value in probe.items():
+        np.save(out / f"condition-probe-{name}.npy", value)
+    if settings.texts:
+        (out / TEXTS).write_bytes(b"")
     _write_index(out, index)
     return index, "w+"
+
+
+TEXTS = "texts.jsonl"
+_PROGRESS = {"format", "version", "shards", "next_index", "count", "skipped", "complete"}  # not settings
+
+
+def _keep_rows(path: Path, count: int) -> None:
+    """Keep the first ``count`` lines of ``path`` (rows a killed run wrote after its last index update)."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) != count:
+        atomic_write_bytes(path, b"".join(lines[:count]))
 
 
 def _open_arrays(out: Path, index: dict, settings: CacheSettings, mode: str) -> dict:
@@ -174,11 +230,17 @@ def _open_arrays(out: Path, index: dict, settings: CacheSettings, mode: str) -> 
         "shards": [open_memmap(out / s["file"], mode=mode, dtype=np_dtype, shape=(s["rows"], 2, *settings.moment_shape))
                    for s in index["shards"]],
         "dtype": np_dtype,
+        "texts": out / TEXTS if settings.texts else None,
+        "condition": {name: open_memmap(out / f"condition-{name}.npy", mode=mode, dtype=np.dtype(spec["dtype"]),
+                                        shape=(N, *spec["shape"])) for name, spec in (settings.condition or {}).items()},
     }
 
 
-def _write_rows(arrays: dict, count: int, kept: list[int], images, labels, tokenizer, device, shard_size: int) -> int:
-    """Encode a batch and its flips into rows ``count`` on and flush them; returns how many."""
+def _write_rows(arrays: dict, count: int, kept: list[int], images, data: dict, tokenizer, device, shard_size: int,
+                condition=None) -> int:
+    """Encode a batch and its flips into rows ``count`` on (with their captions and what ``condition`` caches of
+    them) and flush them; returns how many."""
+    _write_condition_rows(arrays, count, data, condition, device)
     x = images.to(device, non_blocking=True)  # (b, 3, S, S)
     with torch.no_grad():
         m = tokenizer.moments(torch.cat([x, x.flip(-1)]))  # (2b, P, h, w): the image, then its flip
@@ -188,13 +250,30 @@ def _write_rows(arrays: dict, count: int, kept: list[int], images, labels, token
         k, row = divmod(count + j, shard_size)
         arrays["shards"][k][row] = m[j]
         touched.add(k)
-    arrays["labels"][count : count + len(kept)] = labels.numpy()
+    arrays["labels"][count : count + len(kept)] = data["label"].numpy()
     arrays["sources"][count : count + len(kept)] = kept
     for k in touched:
         arrays["shards"][k].flush()
     arrays["labels"].flush()
     arrays["sources"].flush()
     return len(kept)
+
+
+def _write_condition_rows(arrays: dict, count: int, data: dict, condition, device) -> None:
+    """A batch's captions (appended to texts.jsonl) and what ``condition`` caches of its data, at rows ``count``
+    on; flushed before the index records the rows."""
+    if arrays["texts"] is not None:
+        with open(arrays["texts"], "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(t) + "\n" for t in data["text"])
+    if condition is None:
+        return
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    with torch.no_grad():
+        cached = condition.cached(moved)
+    for name, target in arrays["condition"].items():
+        value = _stored(cached[name], str(target.dtype))
+        target[count : count + len(value)] = value
+        target.flush()
 
 
 def _report(out: Path, index: dict, encoded: int, seconds: float) -> None:
@@ -222,6 +301,22 @@ def _write_index(root: Path, index: dict) -> None:
 # --------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------
+class PackedStrings:
+    """A list of strings as two numpy arrays (UTF-8 bytes and offsets): loader workers read them without the
+    copy-on-write growth of Python objects, and one long caption does not widen every row (as numpy's 'U')."""
+
+    def __init__(self, strings: list[str]):
+        encoded = [t.encode("utf-8") for t in strings]
+        self.offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
 def _load_array(path: Path, mmap_mode: str | None = None) -> np.ndarray:
     """A cache array, numbers only: numpy never unpickles here, and an array of pickled Python objects (which
     would run code if unpickled) is refused by name, like a checkpoint that needs code."""
@@ -236,7 +331,8 @@ def _load_array(path: Path, mmap_mode: str | None = None) -> np.ndarray:
 
 
 class LatentCache:
-    """Read a complete cache: ``cache[i] -> (moments of both views (2,P,h,w) float32, label)``."""
+    """Read a complete cache: ``cache[i] -> (moments of both views (2,P,h,w) float32, label)``, or with captions or
+    cached condition features ``(moments, {"label": int, "text": str, NAME: tensor, ...})``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -251,15 +347,30 @@ class LatentCache:
         self.count = int(self.index["count"])
         self.shard_size = int(self.index["shard_size"])
         self.moment_shape = tuple(self.index["moment_shape"])
+        self.condition_names = tuple(self.index.get("condition") or ())
+        self.fields = ("label",) + (("text",) if self.index.get("texts") else ()) + self.condition_names
+        self.texts = self._read_texts() if "text" in self.fields else None
         self._labels = None
         self._shards: dict[int, np.ndarray] = {}
+        self._condition: dict[str, np.ndarray] = {}
+
+    def _read_texts(self) -> PackedStrings:
+        try:
+            lines = (self.root / TEXTS).read_text(encoding="utf-8").splitlines()[: self.count]
+            texts = [json.loads(line) for line in lines]
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read the captions of latent cache {self.root} ({TEXTS}: {e}); rebuild it") from e
+        if len(texts) != self.count or not all(isinstance(t, str) for t in texts):
+            raise UserError(f"latent cache {self.root}: {TEXTS} holds {len(texts)} captions for {self.count} "
+                            "entries; rebuild it")
+        return PackedStrings(texts)
 
     def __len__(self) -> int:
         return self.count
 
     # memory maps are opened lazily and never pickled: loader workers reopen them instead of copying data
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_labels": None, "_shards": {}}
+        return {**self.__dict__, "_labels": None, "_shards": {}, "_condition": {}}
 
     @property
     def labels(self) -> np.ndarray:
@@ -272,11 +383,29 @@ class LatentCache:
             self._shards[k] = _load_array(self.root / self.index["shards"][k]["file"], mmap_mode="r")
         return self._shards[k]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def condition_array(self, name: str) -> np.ndarray:
+        if name not in self._condition:
+            self._condition[name] = _load_array(self.root / f"condition-{name}.npy", mmap_mode="r")
+        return self._condition[name]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | dict]:
         if not 0 <= i < self.count:
             raise IndexError(i)
         k, row = divmod(i, self.shard_size)
-        return torch.from_numpy(np.array(self._shard(k)[row], dtype=np.float32)), int(self.labels[i])
+        views = torch.from_numpy(np.array(self._shard(k)[row], dtype=np.float32))
+        if self.fields == ("label",):
+            return views, int(self.labels[i])
+        data = {"label": int(self.labels[i])}
+        if self.texts is not None:
+            data["text"] = self.texts[i]
+        for name in self.condition_names:
+            value = np.array(self.condition_array(name)[i])
+            data[name] = torch.from_numpy(value.astype(np.float32) if value.dtype.kind == "f" else value)
+        return views, data
 
     def probe(self) -> np.ndarray:
         return _load_array(self.root / "probe.npy")
+
+    def condition_probe(self) -> dict[str, np.ndarray]:
+        """What the condition that made the cache cached of its example data (``condition_probe``)."""
+        return {name: _load_array(self.root / f"condition-probe-{name}.npy") for name in self.condition_names}

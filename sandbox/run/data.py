@@ -61,8 +61,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.device,
             dist_info: distributed.DistInfo = distributed.DistInfo(), labelled: bool = False):
-    """(images, labels) micro-batches on ``device`` from micro-batch ``start_step * grad_accum`` on; ``labelled``:
-    the labels condition the model, so each batch's are checked against the dataset's classes first."""
+    """(images, labels) micro-batches on ``device`` from micro-batch ``start_step * grad_accum`` on; labels are the
+    conditioning data ((B,) class indices, or a dict of fields). ``labelled``: the labels condition the model, so
+    each batch's are checked against the dataset's classes first."""
     start_micro = start_step * tc.grad_accum
     sampler = ResumableBatchSampler(len(dataset), tc.batch_size, seed, start_micro, dist_info.rank,
                                     dist_info.world_size, tc.grad_accum)
@@ -76,7 +77,14 @@ def batches(dataset, tc: TrainConfig, seed: int, start_step: int, device: torch.
         for images, labels in stream:
             if labelled:
                 check_labels(dataset, labels)  # on the CPU, before they move: no device sync
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            yield images.to(device, non_blocking=True), to_device(labels, device)
+
+
+def to_device(data, device: torch.device):
+    """A batch's conditioning data (labels (B,), or a dict of fields: tensors and lists of strings) on ``device``."""
+    if isinstance(data, dict):
+        return {name: to_device(value, device) for name, value in data.items()}
+    return data.to(device, non_blocking=True) if isinstance(data, torch.Tensor) else data
 
 
 @contextmanager

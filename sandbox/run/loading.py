@@ -59,6 +59,13 @@ class LoadedRun:
         """The recipe's training settings (its precision samples too)."""
         return instantiate(self.exp.cfg, "train")
 
+    def dataset(self):
+        """The recipe's dataset, built once on first use: what asks a run that does not read class labels for a
+        class (``Dataset.conditioning``: held-out prompts) and scores its samples."""
+        if self.exp.dataset is None:
+            self.exp.dataset = instantiate(self.exp.cfg, "data")
+        return self.exp.dataset
+
 
 def load_run(run_dir: str | Path, use_ema: bool = True, device: str = "auto", head_args: dict | None = None,
              compile: bool = False, fast_paths: bool = True, plugins=()) -> LoadedRun:

@@ -34,7 +34,7 @@ from sandbox.core.sampling import check_head_steps
 from sandbox.core.training import StepResult, train_step, training_loss
 from sandbox.errors import UserError
 from sandbox.eval.diagnostics import run_warnings
-from sandbox.eval.samples import generate_many
+from sandbox.eval.samples import conditioning_for, generate_many
 from sandbox.fast.sampling import speed_kwargs
 from sandbox.fast.step_cache import check_cache
 from sandbox.images.grids import class_grid, save_png
@@ -134,6 +134,7 @@ class Trainer:
         """The recipe's parts on the device, the EMA copy, the optimizer, the grad scaler and the generator."""
         tc, cfg = self.tc, self.cfg
         self.exp = exp = build(cfg)
+        self.grid_data()  # a dataset that cannot ask the condition for a class fails now, not at the final grid
         fast.apply(exp.model, tc.fast_paths, exp.model.config.attention)
         exp.model.head_fp32 = tc.head_fp32
         sc = instantiate(cfg, "sample")  # can the head follow the grids' settings? (before any write)
@@ -324,12 +325,18 @@ class Trainer:
             "recipe": self.recipe, "meta": self.exp.meta, "version": __version__,
         }, self.step, self.tc.keep_checkpoints, best=is_best)
 
-    def sample_grid(self, tag: str) -> Path:
-        """A grid of EMA samples, one row per class, into samples/<tag>.png (and TensorBoard)."""
+    def grid_data(self):
+        """(labels: one row per class, the data that asks for them: the labels, or the dataset's prompts)."""
         sc = instantiate(self.cfg, "sample")
         k = min(sc.grid_classes, self.exp.num_classes)
         labels = torch.arange(k).repeat_interleave(sc.grid_per_class)  # one row per class
-        images = generate_many(self.exp, labels, batch_size=max(len(labels), 1), seed=self.cfg.seed, model=self.ema,
+        return labels, conditioning_for(self.exp.model.condition, self.exp.dataset, labels)
+
+    def sample_grid(self, tag: str) -> Path:
+        """A grid of EMA samples, one row per class, into samples/<tag>.png (and TensorBoard)."""
+        sc = instantiate(self.cfg, "sample")
+        labels, data = self.grid_data()
+        images = generate_many(self.exp, data, batch_size=max(len(labels), 1), seed=self.cfg.seed, model=self.ema,
                                num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
                                temperature=sc.temperature, autocast_dtype=self.amp_dtype,
                                **speed_kwargs(sc.head_steps, sc.cache))
