@@ -87,6 +87,17 @@ def parser() -> ArgumentParser:
                    help="After timing, run --profile_steps more training steps and one sampling call under "
                         "torch.profiler and write its table of operators (most device time first) to this file.")
     p.add_argument("--profile_steps", type=int, default=3, help="Training steps under the profiler.")
+    p.add_argument("--pareto", type=str | None, default=None,
+                   help="RUN: a quality-speed map of a trained run instead (sandbox/eval/pareto.py): every point of "
+                        "--pareto_grid scored as `sandbox sweep` scores it and timed in this process; writes "
+                        "RUN/sweeps/NAME/pareto.{json,md,png}.")
+    p.add_argument("--pareto_grid", type=dict | None, default=None,
+                   help="Sampling options and their values (default: num_iter [4, 8, 16] x head_steps [100%, "
+                        "linear:100%:10%] x cache [off, approx:2]).")
+    p.add_argument("--pareto_seeds", type=int, default=3, help="Seeds per point (mean +- std).")
+    p.add_argument("--pareto_images", type=int, default=1000, help="Samples per seed (the digits tables' count).")
+    p.add_argument("--pareto_timing_images", type=int, default=256, help="Images timed per point.")
+    p.add_argument("--pareto_name", type=str, default="pareto", help="The sweep's folder RUN/sweeps/NAME.")
     return p
 
 
@@ -293,6 +304,8 @@ def run(cfg: Namespace) -> None:
     from sandbox.config.schema import check_sampling
     from sandbox.run.device import resolve_device
 
+    if cfg.pareto is not None:
+        return _pareto(cfg)
     if (cfg.recipe is None) == (cfg.official_config is None):
         raise UserError("give exactly one of --recipe RECIPE.yaml and --official_config FILE.pt")
     for name in ("batch_size", "steps", "warmup", "sample_batch_size", "sample_batches", "profile_steps"):
@@ -488,3 +501,19 @@ def _bench_sampling(model, ordering, token_dim: int, num_classes: int, cfg: Name
     warmup = not warm and (cfg.warmup > 0 or bench["compile_sampling"] or bench["compile"])
     return time_sampling(lambda: sample(cfg.sample_batch_size, bench["num_iter"]), cfg.sample_batch_size,
                          cfg.sample_batches, (lambda: sample(2, 2)) if warmup else None, memory, device, profiles)
+
+
+def _pareto(cfg: Namespace) -> None:
+    """``--pareto RUN``: the quality-speed map (sandbox/eval/pareto.py), printed as JSON."""
+    from sandbox.eval.pareto import run_pareto
+
+    if cfg.recipe is not None or cfg.official_config is not None:
+        raise UserError("--pareto RUN maps a trained run; it takes no --recipe or --official_config")
+    result = run_pareto(cfg.pareto, cfg.pareto_grid, cfg.pareto_seeds, cfg.pareto_images, cfg.pareto_timing_images,
+                        cfg.pareto_name, cfg.device)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if cfg.json:
+        from sandbox.run.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(cfg.json), text.encode())

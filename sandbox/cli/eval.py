@@ -59,7 +59,7 @@ def parser() -> ArgumentParser:
                         "with a per-step table and plot in RUN/eval/ (the estimators' cost: --nll_images, "
                         "--head_args '{nll_timesteps: 50}' for the diffusion head).")
     p.add_argument("--nll_images", type=int, default=256,
-                   help="Held-out images for --nll (a fixed subset; 256 give a standard error ~1%% of the value).")
+                   help="Held-out images for --nll (a fixed subset; 256 give a standard error ~1% of the value).")
     p.add_argument("--sample", type=bool, default=True,
                    help="Sample and score images (false: with --nll, the likelihood alone).")
     p.add_argument("--json", type=str | None, default=None, help="Also write the result here (default: RUN/eval.json).")

@@ -38,8 +38,8 @@ def add_sampling_arguments(p: ArgumentParser, run_dir_required: bool = True, num
                         "(see `sandbox plugins`); arguments that change the head's weights do not fit the checkpoint.")
     p.add_argument("--head_steps", type=Optional[Union[int, str, list[int]]], default=None,
                    help="The head's own steps at each plan step (DiSA's annealing): a count, a share of the head's "
-                        "own count (50%%), linear:START:END or cosine:START:END (linear:50:5, cosine:100%%:10%%), "
-                        "or a list of counts (default: the recipe's; 100%% is the head's own count everywhere).")
+                        "own count (50%), linear:START:END or cosine:START:END (linear:50:5, cosine:100%:10%), "
+                        "or a list of counts (default: the recipe's; 100% is the head's own count everywhere).")
     p.add_argument("--cache", type=str | None, default=None,
                    help="Reuse across plan steps: off, exact (the same samples within float rounding) or "
                         "approx:N[:W] (LazyMAR's caches, a full step every N) (default: the recipe's, else off).")

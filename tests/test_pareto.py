@@ -1,0 +1,71 @@
+"""``sandbox bench --pareto RUN``: the quality-speed map (issue 22, item 6) -- every grid point scored over seeds
+(the sweep's rows), timed, the frontier marked, the recipe's own settings found; bad input is one line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sandbox.eval.pareto import pareto_frontier, pareto_table
+
+torch.set_num_threads(1)
+
+GRID = "{num_iter: [2, 3], cache: ['off', 'approx:2']}"  # the tiny run samples with num_iter 3: its default
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    return shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "sweeps", "eval.json"))
+
+
+def test_the_map_scores_times_and_marks_every_point(sandbox_cli, run):
+    proc = sandbox_cli("bench", "--pareto", run, "--pareto_grid", GRID, "--pareto_seeds", "2", "--pareto_images",
+                       "10", "--pareto_timing_images", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    points = result["points"]
+    assert [p["point"] for p in points] == [{"num_iter": n, "cache": c} for n in (2, 3) for c in ("off", "approx:2")]
+    for p in points:
+        assert p["images_per_s"] > 0 and "frechet_distance_std" in p and "real_frechet_floor" in p
+    assert [p["default"] for p in points] == [False, False, True, False]  # num_iter 3, no cache: the recipe's
+    assert any(p["frontier"] for p in points) and result["seeds"] == 2
+    folder = run / "sweeps" / "pareto"
+    assert json.loads((folder / "pareto.json").read_text()) == result
+    assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    table = (folder / "pareto.md").read_text()
+    assert "*default*" in table and "images/s" in table and table.count("\n| ") == 5
+    assert len(json.loads((folder / "results.json").read_text())) == 4  # the sweep's rows, reused by a rerun
+
+
+def test_the_frontier_is_the_points_nothing_beats():
+    def row(fd, speed):
+        return {"metrics": {"frechet_distance": fd}, "images_per_s": speed}
+
+    rows = [row(10, 1), row(12, 5), row(11, 4), row(20, 5), row(9, 0.5)]
+    # 12 @ 5 beats 20 @ 5; 11 @ 4 is slower than 12 @ 5 but better; 10 @ 1 and 9 @ 0.5 likewise
+    assert pareto_frontier(rows) == {0, 1, 2, 4}
+
+
+def test_the_table_gives_the_speed_up_over_the_recipes_settings():
+    result = {"run_dir": "r", "step": 1, "seeds": 3, "num_images": 10, "timing_images": 4, "commit": "abc",
+              "machine": "m", "points": [
+                  {"point": {"num_iter": 16}, "images_per_s": 10.0, "frontier": True, "default": True,
+                   "frechet_distance": 50.0, "frechet_distance_std": 2.0, "real_frechet_floor": 9.0},
+                  {"point": {"num_iter": 4}, "images_per_s": 50.0, "frontier": True, "default": False,
+                   "frechet_distance": 70.0, "real_frechet_floor": 9.0}]}
+    table = pareto_table(result)
+    assert "5.00x" in table and "1.00x" in table and "50.0 +- 2.0 (9.0)" in table
+    assert table.index("| **4**") < table.index("| **16 *default*")  # fastest first
+
+
+def test_bad_input_is_one_line(sandbox_cli, run):
+    for args, fragment in ((("--pareto_seeds", "0"), "--pareto_seeds"),
+                           (("--pareto_grid", "{cache: [sometimes]}"), "cache"),
+                           (("--recipe", "recipes/quickstart.yaml"), "--pareto RUN")):
+        proc = sandbox_cli("bench", "--pareto", run, *args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+    assert not (run / "sweeps" / "pareto" / "pareto.json").exists()
