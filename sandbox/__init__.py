@@ -9,6 +9,7 @@ The Python API (docs/python-api.md)::
     exp = sandbox.build("recipes/quickstart.yaml")          # a recipe's parts, untrained
 
     sandbox.Head, sandbox.Ordering, sandbox.Tokenizer, sandbox.Dataset   # the plugin kinds to subclass
+    sandbox.Condition, sandbox.Backbone                                # (and the two the core defaults)
     sandbox.testing.check_plugin(MyHead)                               # the contract kit
 
 The layout: ``core`` (the method), ``fast`` (speed paths applied from outside), ``run`` (training loop and
@@ -27,7 +28,8 @@ _API = {
     "load_run": "sandbox.run.loading", "LoadedRun": "sandbox.run.loading",
     "generate": "sandbox.api", "build": "sandbox.api", "save_grid": "sandbox.api",
     "Tokenizer": "sandbox.core.contracts", "Ordering": "sandbox.core.contracts", "Head": "sandbox.core.contracts",
-    "Dataset": "sandbox.core.contracts", "TrainingSplit": "sandbox.core.contracts",
+    "Dataset": "sandbox.core.contracts", "Condition": "sandbox.core.contracts", "Backbone": "sandbox.core.contracts",
+    "TrainingSplit": "sandbox.core.contracts",
     "SampleStep": "sandbox.core.contracts", "UserError": "sandbox.errors",
 }
 _MODULES = {"testing", "fast", "core", "run", "eval", "lab", "config", "images", "cli", "plugins"}

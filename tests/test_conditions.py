@@ -229,6 +229,9 @@ def test_metadata_jsonl_captions(tmp_path):
     assert ds.fields == ("label", "text")
     image, data = ds[3]
     assert data == {"label": 1, "text": "picture 1 of class 1"} and image.shape == (3, 8, 8)
+    asked = ds.conditioning(torch.tensor([1, 0, 1, 1]))  # the k-th request of a class: its k-th caption, in turn
+    assert asked["text"] == ["picture 0 of class 1", "picture 0 of class 0", "picture 1 of class 1",
+                             "picture 0 of class 1"] and asked["label"].tolist() == [1, 0, 1, 1]
     check_dataset(ds)
     flat = tmp_path / "flat"
     flat.mkdir()

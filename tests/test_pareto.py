@@ -63,9 +63,23 @@ def test_the_table_gives_the_speed_up_over_the_recipes_settings():
 def test_bad_input_is_one_line(sandbox_cli, run):
     for args, fragment in ((("--pareto_seeds", "0"), "--pareto_seeds"),
                            (("--pareto_grid", "{cache: [sometimes]}"), "cache"),
-                           (("--recipe", "recipes/quickstart.yaml"), "--pareto RUN")):
+                           (("--recipe", "recipes/quickstart.yaml"), "--pareto RUN"),
+                           (("--pareto_grid", "{sampler: [ddim]}"), "timing pass")):
         proc = sandbox_cli("bench", "--pareto", run, *args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
     assert not (run / "sweeps" / "pareto" / "pareto.json").exists()
+
+
+def test_a_bare_off_in_a_grid_or_recipe_means_no_cache(sandbox_cli, run):
+    """YAML reads `off` as false: a grid and a recipe take it as the cache switched off."""
+    from sandbox.config.schema import SampleConfig
+
+    proc = sandbox_cli("sweep", "--run_dir", run, "--grid", "{cache: [off, approx:2]}", "--num_images", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads((run / "sweeps" / "cache" / "results.json").read_text())
+    assert [r["point"]["cache"] for r in found] == ["off", "approx:2"]
+    assert SampleConfig(cache=False).cache == "off"
+    fast = sandbox_cli("sweep", "--run_dir", run, "--grid", "{num_iter: [2]}", "--fast", "true")
+    assert fast.returncode == 2 and "--fast" in fast.stderr and "Traceback" not in fast.stderr

@@ -54,12 +54,14 @@ def halves(labels: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {word}: the digit's name, {digit}: its numeral; the digit stands at many positions, named both ways, so a model
-# learns to find it whatever surrounds it. The last ones are held out of training by default.
+# learns to find it whatever surrounds it. The last ones are held out of training by default. No template uses a
+# digit's word for anything else: with "one handwritten {digit}" among them, the held-out "one, handwritten" was
+# read as a 1 in 11% of samples (93.4% over all held-out prompts; docs/conditions.md has the measurement).
 TEMPLATES = (
     "a handwritten {word}", "the digit {digit}", "{word}", "a picture of the number {word}",
     "{digit}, written by hand", "an image of a {digit}", "the handwritten digit {word} on a dark background",
     "number {digit}", "a small scanned {word}", "{digit}", "a blurry {word}", "the number {word} written with a pen",
-    "digit: {digit}", "one handwritten {digit}", "{word} in white ink", "a sample of the digit {digit}",
+    "digit: {digit}", "a single handwritten {digit}", "{word} in white ink", "a sample of the digit {digit}",
     "someone wrote a {word}", "{digit} on black", "the symbol for {word}", "a low resolution {word}",
     # held out
     "a drawing of the digit {word}", "the number {digit}", "{word}, handwritten", "a scan of a {digit}",

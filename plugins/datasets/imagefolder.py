@@ -222,6 +222,20 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def conditioning(self, labels: Tensor):
+        """With captions: the k-th request of a class gets the k-th caption of that class (in turn), so sample
+        grids and evaluation ask a text-conditioned run with the folder's own captions; else the labels."""
+        if self.texts is None:
+            return labels
+        labels = labels.cpu().long()
+        by_class = {c: np.flatnonzero(self.labels == c) for c in set(labels.tolist())}
+        texts, seen = [], {}
+        for c in labels.tolist():
+            rows = by_class[c]
+            k = seen[c] = seen.get(c, -1) + 1
+            texts.append(str(self.texts[int(rows[k % len(rows)])]) if len(rows) else "")
+        return {"label": labels, "text": texts}
+
     def load(self, index: int) -> tuple[Tensor, int | dict] | None:
         path = str(self.paths[index])
         try:

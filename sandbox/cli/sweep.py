@@ -30,7 +30,8 @@ def parser() -> ArgumentParser:
     p.set_defaults(num_images=1000, progress=False)  # the digits tables' sample count
     p.add_argument("--grid", type=dict | None, default=None,
                    help="Options and their values, e.g. '{cfg: [1.0, 2.0, 3.0], temperature: [0.8, 1.0]}': any of "
-                        "num_iter, cfg, cfg_schedule, temperature, batch_size, ema, or a field of the run's head "
+                        "num_iter, cfg, cfg_schedule, temperature, batch_size, ema, head_steps, cache, or a field of "
+                        "the run's head "
                         "(num_sampling_steps, sampler, ...; also as head_args.NAME).")
     p.add_argument("--name", type=str | None, default=None,
                    help="The sweep's folder RUN/sweeps/NAME (default: the grid's keys joined by '-').")
@@ -53,6 +54,9 @@ def _run(cfg: Namespace) -> None:
 
     if cfg.grid is None:
         raise UserError("give --grid, e.g. --grid '{cfg: [1.0, 2.0, 3.0], temperature: [0.8, 1.0]}'")
+    if cfg.get("fast"):
+        raise UserError("--fast sets several sampling options at once; a sweep varies them itself: put num_iter, "
+                        "head_steps and cache in --grid (or map them with `sandbox bench --pareto RUN`)")
     if cfg.labels:
         raise UserError("sweep sets are class-balanced (image i has class i % K); --labels is for `sandbox sample`")
     if cfg.num_images < 1:

@@ -79,10 +79,13 @@ class SampleConfig:
     head_steps: Optional[Union[int, str, list[int]]] = None
     # reuse across the plan's steps (sandbox/fast/step_cache.py): off, exact (the same samples within float
     # rounding) or approx:N[:W] (LazyMAR's token and condition caches, a full step every N); off until measured
-    # (.ci/measure_fast_sampling.sh chooses by images/s at an unchanged Frechet distance)
-    cache: str = "off"
+    # (.ci/measure_fast_sampling.sh chooses by images/s at an unchanged Frechet distance); YAML reads a bare
+    # `off` as false, so false means off too
+    cache: Union[str, bool] = "off"
 
     def __post_init__(self):  # checked when the recipe is built: before training, not at its final grid
+        if self.cache is False:
+            self.cache = "off"
         check_sampling(dataclasses.asdict(self), "sample.")
         _at_least(self, "sample.", 1, "grid_classes", "grid_per_class")
 

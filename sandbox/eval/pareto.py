@@ -33,6 +33,8 @@ from sandbox.errors import UserError
 # count and fewer (MAR Fig. 6: quality holds down to ~8 steps at 256 tokens), the head's own step count ("100%")
 # and DiSA's annealing from it down to a tenth, and no cache and LazyMAR's full step every 2nd
 DEFAULT_GRID = {"num_iter": [4, 8, 16], "head_steps": ["100%", "linear:100%:10%"], "cache": ["off", "approx:2"]}
+# the options a point may vary: those ``sandbox.generate`` takes, so the timing pass samples as the scoring did
+TIMED = ("num_iter", "cfg", "cfg_schedule", "temperature", "head_steps", "cache")
 FD, ACC, FLOOR = "frechet_distance", "accuracy", "real_frechet_floor"
 
 
@@ -42,6 +44,10 @@ def run_pareto(run_dir: str, grid: dict | None, seeds: int, num_images: int, tim
     if seeds < 1 or num_images < 1 or timing_images < 1:
         raise UserError("--pareto_seeds, --pareto_images and --pareto_timing_images must be >= 1")
     grid = grid or DEFAULT_GRID
+    untimed = [k for k in grid if k not in TIMED]
+    if untimed:
+        raise UserError(f"--pareto_grid varies {', '.join(untimed)}, which the timing pass cannot apply; vary "
+                        f"{', '.join(TIMED)} (a head's step count: head_steps)")
     rows = _scored(run_dir, grid, seeds, num_images, name, device)
     from sandbox.run.loading import load_run
 
@@ -86,7 +92,7 @@ def _time_point(loaded, point: dict, timing_images: int) -> float:
     in batches of the recipe's batch size."""
     from sandbox.api import generate
 
-    options = {k: v for k, v in point.items() if k in ("num_iter", "cfg", "temperature", "head_steps", "cache")}
+    options = {k: v for k, v in point.items() if k in TIMED}
     generate(loaded, num_images=min(timing_images, 8), seed=1, **options)  # warm-up: allocations, kernels
     t0 = time.perf_counter()
     generate(loaded, num_images=timing_images, seed=0, **options)

@@ -121,6 +121,8 @@ def head_fields(head_cls: type) -> list[str]:
 def _typed(key: str, value):
     """A grid value as its option's type (an int where a float is expected becomes a float)."""
     kind = SAMPLING_TYPES[key]
+    if key == "cache" and value is False:  # YAML reads a bare `off` as false
+        return "off"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

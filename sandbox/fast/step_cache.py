@@ -62,6 +62,8 @@ class CacheMode:
     def parse(cls, spec) -> "CacheMode":
         if isinstance(spec, CacheMode):
             return spec
+        if spec is False:  # YAML's reading of a bare `off`
+            return cls("off")
         parts = str(spec).split(":") if isinstance(spec, str) else []
         if parts and parts[0] in ("off", "exact") and len(parts) == 1:
             return cls(parts[0])

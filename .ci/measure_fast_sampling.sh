@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 22, item 6: the quickstart's quality-speed map -> docs/performance.md (the table between its pareto
+# markers) and docs/quickstart_pareto.png. Run it alone on the machine (the timing is part of the result):
+#
+#   .ci/measure_fast_sampling.sh                     # trains runs/quickstart if missing, then maps it
+#   RUN=/path/to/run .ci/measure_fast_sampling.sh    # another trained run
+#
+# sandbox bench --pareto scores every point of the default grid (num_iter 4/8/16 x head_steps 100% /
+# linear:100%:10% x cache off / approx:2) over 3 seeds of 1,000 samples (sandbox sweep: finished points are kept,
+# so a stopped map continues) and times each in one process over 256 images. Expected on a free 2-core CPU:
+# about 20 minutes (36 sample sets of 1,000 digits, 15-65 s each, then the timing pass), plus ~6 to train.
+# The frontier point that keeps the Frechet distance within the seeds' spread of the default's is what
+# `--fast true` sets: FAST_SAMPLING in sandbox/fast/sampling.py, updated by hand with the commit it was read at.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RUN="${RUN:-runs/quickstart}"
+python -m sandbox train --config recipes/quickstart.yaml --run_dir "$RUN"
+python -m sandbox bench --pareto "$RUN" --json "$RUN/sweeps/pareto/bench.json" > /dev/null
+python - "$RUN" <<'PY'
+import re, shutil, sys
+from pathlib import Path
+
+folder = Path(sys.argv[1]) / "sweeps" / "pareto"
+page = Path("docs/performance.md")
+begin, end = "<!-- pareto table: begin (.ci/measure_fast_sampling.sh) -->", "<!-- pareto table: end -->"
+text = page.read_text()
+if begin not in text or end not in text:
+    sys.exit(f"{page} has no markers {begin} ... {end}")
+table = (folder / "pareto.md").read_text().strip()
+page.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{table}\n{end}", text,
+                       flags=re.S))
+shutil.copyfile(folder / "pareto.png", "docs/quickstart_pareto.png")
+print(f"wrote {page} and docs/quickstart_pareto.png")
+PY
