@@ -266,7 +266,7 @@ def nll_heads() -> list[type]:
 
 def test_built_in_heads_declare_a_likelihood():
     names = {cls.__name__ for cls in nll_heads()}
-    assert {"DiffusionHead", "FlowHead", "GMMHead"} <= names
+    assert {"DiffusionHead", "FlowHead", "GMMHead", "CategoricalHead"} <= names
     assert Head.has_nll is False
     with pytest.raises(NotImplementedError, match="no likelihood"):
         Head(2, 3).nll(torch.zeros(1, 2), torch.zeros(1, 3))
@@ -274,7 +274,9 @@ def test_built_in_heads_declare_a_likelihood():
 
 @pytest.mark.parametrize("cls", nll_heads(), ids=lambda c: c.__name__)
 def test_nll_contract(cls):
-    head = cls(6, 16, **cls.contract_args).eval()
+    injected = {"codebook": torch.randn(4, 3, generator=torch.Generator().manual_seed(3))} \
+        if "codebook" in cls.requires else {}  # what the core passes a head that requires it
+    head = cls(6, 16, **cls.contract_args, **injected).eval()
     target = torch.rand(10, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cond = torch.randn(10, 16, generator=torch.Generator().manual_seed(1))
     state = torch.get_rng_state()
@@ -296,6 +298,18 @@ def test_gmm_nll_is_the_mixture_density():
         torch.distributions.Independent(torch.distributions.Normal(mean, std), 1))
     assert torch.allclose(head.nll(x, cond), -mixture.log_prob(x), atol=1e-5)
     assert torch.allclose(head.loss(x, cond), head.nll(x, cond) / C)  # the training loss, per dimension
+
+
+def test_categorical_nll_is_the_exact_mass_of_the_codes():
+    from sandbox.plugins.heads.categorical import CategoricalHead
+
+    codebook = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))  # K = 5 codes of dim 3
+    head = CategoricalHead(6, 8, width=16, depth=1, codebook=codebook)  # m = 2 codes per token
+    torch.nn.init.normal_(head.net.linear.weight, generator=torch.Generator().manual_seed(5))  # not uniform
+    index = torch.randint(5, (7, 2), generator=torch.Generator().manual_seed(6))
+    cond = torch.randn(7, 8, generator=torch.Generator().manual_seed(7))
+    logp = head.logits(cond).log_softmax(-1).gather(-1, index[..., None])[..., 0]  # (7, 2)
+    assert torch.allclose(head.nll(head.tokens(index), cond), -logp.sum(1), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------

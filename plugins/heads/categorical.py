@@ -90,6 +90,7 @@ class LogitMLP(nn.Module):
 class CategoricalHead(Head):
     """Cross-entropy over the tokenizer's VQ codebook (K-way softmax per code); temperature, top-k, CFG on logits."""
 
+    has_nll = True  # exact: the cross-entropy of the codes (``nll``)
     requires = ("codebook",)  # the core passes codebook=tokenizer.codebook (K, c); recipes never give it
     contract_args = {"width": 32, "depth": 1}
 
@@ -147,6 +148,15 @@ class CategoricalHead(Head):
         logits = self.logits(cond)  # (N, m, K)
         ce = F.cross_entropy(logits.flatten(0, 1), index.flatten(), reduction="none")  # (N m,)
         return ce.view(index.shape).sum(1)  # (N,)
+
+    @torch.no_grad()
+    def nll(self, target: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """-log p(codes | z) per row (N,), in nats summed over the token's m codes: exact (the loss itself).
+
+        A probability mass of the codebook indices, not a density of the token's values: its bits per dimension
+        (``sandbox eval --nll``, per token dim) compare between VQ runs of one codebook, not with a continuous
+        head's, whose density depends on the tokens' scale."""
+        return self.loss(target, cond, generator)
 
     # -- sampling -----------------------------------------------------------------------------------------
     def guided_logits(self, cond: Tensor, cfg: float = 1.0, uncond: Tensor | None = None) -> Tensor:
