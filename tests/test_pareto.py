@@ -39,6 +39,19 @@ def test_the_map_scores_times_and_marks_every_point(sandbox_cli, run):
     assert len(json.loads((folder / "results.json").read_text())) == 4  # the sweep's rows, reused by a rerun
 
 
+def test_a_head_field_is_scored_and_timed_with_that_head(sandbox_cli, run, monkeypatch):
+    import sandbox.eval.pareto as pareto
+
+    timed = []
+    real = pareto._time_point
+    monkeypatch.setattr(pareto, "_time_point", lambda loaded, point, n: timed.append(
+        (loaded.model.head.sampler, point)) or real(loaded, point, n))
+    proc = sandbox_cli("bench", "--pareto", run, "--pareto_grid", "{sampler: [ddpm, ddim], head_steps: [2]}",
+                       "--pareto_seeds", "1", "--pareto_images", "4", "--pareto_timing_images", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(s, p["sampler"]) for s, p in timed] == [("ddpm", "ddpm"), ("ddim", "ddim")]
+
+
 def test_the_frontier_is_the_points_nothing_beats():
     def row(fd, speed):
         return {"metrics": {"frechet_distance": fd}, "images_per_s": speed}
@@ -64,7 +77,7 @@ def test_bad_input_is_one_line(sandbox_cli, run):
     for args, fragment in ((("--pareto_seeds", "0"), "--pareto_seeds"),
                            (("--pareto_grid", "{cache: [sometimes]}"), "cache"),
                            (("--recipe", "recipes/quickstart.yaml"), "--pareto RUN"),
-                           (("--pareto_grid", "{sampler: [ddim]}"), "timing pass")):
+                           (("--pareto_grid", "{sampler: [bogus]}"), "sampler")):
         proc = sandbox_cli("bench", "--pareto", run, *args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]

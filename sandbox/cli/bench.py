@@ -92,8 +92,9 @@ def parser() -> ArgumentParser:
                         "--pareto_grid scored as `sandbox sweep` scores it and timed in this process; writes "
                         "RUN/sweeps/NAME/pareto.{json,md,png}.")
     p.add_argument("--pareto_grid", type=dict | None, default=None,
-                   help="Sampling options and their values (default: num_iter [4, 8, 16] x head_steps [100%, "
-                        "linear:100%:10%] x cache [off, approx:2]).")
+                   help="Sampling options and their values: those of `sandbox sweep --grid` (a head's fields "
+                        "too, e.g. sampler); default: num_iter [4, 8, 16] x head_steps [100%, linear:100%:10%] x "
+                        "cache [off, approx:2].")
     p.add_argument("--pareto_seeds", type=int, default=3, help="Seeds per point (mean +- std).")
     p.add_argument("--pareto_images", type=int, default=1000, help="Samples per seed (the digits tables' count).")
     p.add_argument("--pareto_timing_images", type=int, default=256, help="Images timed per point.")

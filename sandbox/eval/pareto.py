@@ -33,8 +33,9 @@ from sandbox.errors import UserError
 # count and fewer (MAR Fig. 6: quality holds down to ~8 steps at 256 tokens), the head's own step count ("100%")
 # and DiSA's annealing from it down to a tenth, and no cache and LazyMAR's full step every 2nd
 DEFAULT_GRID = {"num_iter": [4, 8, 16], "head_steps": ["100%", "linear:100%:10%"], "cache": ["off", "approx:2"]}
-# the options a point may vary: those ``sandbox.generate`` takes, so the timing pass samples as the scoring did
-TIMED = ("num_iter", "cfg", "cfg_schedule", "temperature", "head_steps", "cache")
+# the options ``sandbox.generate`` takes; a point's other keys are ``ema`` and the head's fields (a sampler, its
+# step count), which the timing pass loads the run with -- so every point is timed as it was scored
+TIMED = ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size", "head_steps", "cache")
 FD, ACC, FLOOR = "frechet_distance", "accuracy", "real_frechet_floor"
 
 
@@ -44,17 +45,19 @@ def run_pareto(run_dir: str, grid: dict | None, seeds: int, num_images: int, tim
     if seeds < 1 or num_images < 1 or timing_images < 1:
         raise UserError("--pareto_seeds, --pareto_images and --pareto_timing_images must be >= 1")
     grid = grid or DEFAULT_GRID
-    untimed = [k for k in grid if k not in TIMED]
-    if untimed:
-        raise UserError(f"--pareto_grid varies {', '.join(untimed)}, which the timing pass cannot apply; vary "
-                        f"{', '.join(TIMED)} (a head's step count: head_steps)")
     rows = _scored(run_dir, grid, seeds, num_images, name, device)
     from sandbox.run.loading import load_run
 
     loaded = load_run(run_dir, device=device)
     default = _default_point(loaded, rows)
+    variants = {}  # (ema, head fields) -> the run loaded so, for points that sample with other weights or head
     for row in rows:
-        row["images_per_s"] = _time_point(loaded, row["point"], timing_images)
+        key = _variant(row["point"])
+        if key not in variants:
+            ema, head = json.loads(key)
+            variants[key] = loaded if key == _variant({}) else load_run(run_dir, device=device, use_ema=ema,
+                                                                          head_args=head or None)
+        row["images_per_s"] = _time_point(variants[key], row["point"], timing_images)
     frontier = pareto_frontier(rows)
     result = {"run_dir": str(run_dir), "step": loaded.step, "grid": grid, "seeds": seeds, "num_images": num_images,
               "timing_images": timing_images, "machine": machine(), "commit": commit(), "default_point": default,
@@ -75,6 +78,12 @@ def _scored(run_dir: str, grid: dict, seeds: int, num_images: int, name: str, de
     if not rows or FD not in rows[0]["metrics"]:
         raise UserError(f"run {run_dir}: its dataset's scorer gives no {FD}; the map needs one")
     return rows
+
+
+def _variant(point: dict) -> str:
+    """What a point loads the run with, as a key: [ema, {head field: value}]."""
+    head = {k.removeprefix("head_args."): v for k, v in point.items() if k not in TIMED and k != "ema"}
+    return json.dumps([point.get("ema", True), head], sort_keys=True)
 
 
 def _default_point(loaded, rows: list[dict]) -> dict | None:
