@@ -69,6 +69,22 @@ def test_run_dir_with_a_different_recipe_is_refused(tmp_path):
     assert (tmp_path / "run" / "recipe.yaml").read_text() == before
 
 
+def test_arguments_added_since_a_run_was_stored_take_their_defaults(tmp_path):
+    """A run stored before a plugin gained an argument (its recipe lacks the key) continues with a recipe that
+    leaves it at its default, and is refused with one that sets it otherwise."""
+    train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "recipe.yaml"
+    stored = yaml.safe_load(path.read_text())
+    for key in ("captions", "held_out_templates", "condition_image"):  # DigitsDataset's arguments of 0.3
+        stored["data"]["init_args"].pop(key)
+    path.write_text(yaml.safe_dump(stored))
+    assert train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)["complete"]
+    cfg = parse(tmp_path, steps=2)
+    cfg.data.init_args.captions = True
+    with pytest.raises(UserError, match="captions"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
 def test_a_refused_resume_keeps_the_stored_recipe(tmp_path):
     train(parse(tmp_path, steps=2), tmp_path / "run", progress=False)
     before = (tmp_path / "run" / "recipe.yaml").read_text()

@@ -50,12 +50,24 @@ def check_run_recipe(run: RunDir, recipe: dict, plugin_classes: dict[str, type] 
     init_args the recipe's plugins declare resumable)."""
     if not run.exists():
         return
-    from sandbox.config.recipe import upgrade_recipe
-
-    diffs = _differences(upgrade_recipe(run.read_recipe()), recipe, resumable_keys(plugin_classes or {}))
+    diffs = _differences(_with_todays_defaults(run.read_recipe()), recipe, resumable_keys(plugin_classes or {}))
     if diffs:
         raise UserError(f"run directory {run.root} holds a different recipe ({'; '.join(diffs[:3])}); "
                         "use a new --run_dir or the stored recipe")
+
+
+def _with_todays_defaults(stored: dict) -> dict:
+    """The stored recipe in today's terms, re-parsed so that keys added since it was written hold their
+    defaults (a new plugin argument or config field defaults to what runs did before it existed): a recipe file
+    that leaves them out, or sets them to those defaults, continues the run. As stored where it cannot be parsed
+    (a plugin file not loaded in this process): then the raw comparison decides."""
+    from sandbox.config.recipe import parse_recipe, recipe_dict, upgrade_recipe
+
+    upgraded = upgrade_recipe(stored)
+    try:
+        return recipe_dict(parse_recipe(upgraded))
+    except (UserError, ValueError, TypeError):
+        return upgraded
 
 
 def grid_name(step: int) -> str:
