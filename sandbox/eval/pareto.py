@@ -219,7 +219,8 @@ def pareto_png(result: dict) -> bytes:
     ax.set_xscale("log")
     ax.set_xlabel("images / s (log)")
     ax.set_ylabel("Frechet distance")
-    ax.set_title(f"{result['run_dir']}: quality against speed ({result['seeds']} seeds)", fontsize=9)
+    ax.set_title(f"{Path(result['run_dir']).name}: quality against speed ({result['seeds']} seeds x "
+                 f"{result['num_images']} samples; commit {result['commit']})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
