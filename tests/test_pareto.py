@@ -96,3 +96,28 @@ def test_a_bare_off_in_a_grid_or_recipe_means_no_cache(sandbox_cli, run):
     assert SampleConfig(cache=False).cache == "off"
     fast = sandbox_cli("sweep", "--run_dir", run, "--grid", "{num_iter: [2]}", "--fast", "true")
     assert fast.returncode == 2 and "--fast" in fast.stderr and "Traceback" not in fast.stderr
+
+
+def test_fast_sets_the_measured_point_says_so_and_yields_to_given_options(sandbox_cli, run, tmp_path):
+    """`--fast true` = the FAST_SAMPLING options, printed (with where they were measured); an option given on
+    the command line wins; the images are those of the same options given by hand."""
+    import re
+
+    import numpy as np
+
+    from sandbox.fast.sampling import FAST_MEASURED, FAST_SAMPLING
+
+    fast = sandbox_cli("sample", "--run_dir", run, "--num_images", "4", "--out", tmp_path / "fast.npz", "--fast", "true")
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    line = next(x for x in fast.stderr.splitlines() if x.startswith("--fast true sets"))
+    assert FAST_MEASURED is not None and FAST_MEASURED in line
+    options = dict(re.findall(r"--(\w+) (\S+?)(?:,| \()", line))
+    assert set(options) == set(FAST_SAMPLING) and options["num_iter"] == str(FAST_SAMPLING["num_iter"])
+    by_hand = sandbox_cli("sample", "--run_dir", run, "--num_images", "4", "--out", tmp_path / "hand.npz",
+                          *[a for k, v in options.items() for a in (f"--{k}", v)])
+    assert by_hand.returncode == 0, by_hand.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "fast.npz")["images"], np.load(tmp_path / "hand.npz")["images"])
+    given = sandbox_cli("sample", "--run_dir", run, "--num_images", "4", "--out", tmp_path / "g.npz", "--fast", "true",
+                        "--num_iter", "2")
+    assert given.returncode == 0 and "--num_iter" not in next(
+        x for x in given.stderr.splitlines() if x.startswith("--fast true sets"))

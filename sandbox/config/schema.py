@@ -78,9 +78,9 @@ class SampleConfig:
     # None: the head's own count at every step, as the official sampler (sandbox/core/schedules.py, HeadSteps)
     head_steps: Optional[Union[int, str, list[int]]] = None
     # reuse across the plan's steps (sandbox/fast/step_cache.py): off, exact (the same samples within float
-    # rounding) or approx:N[:W] (LazyMAR's token and condition caches, a full step every N); off until measured
-    # (.ci/measure_fast_sampling.sh chooses by images/s at an unchanged Frechet distance); YAML reads a bare
-    # `off` as false, so false means off too
+    # rounding) or approx:N[:W] (LazyMAR's token and condition caches, a full step every N); off: measured on the
+    # quickstart, approx:2 gained only 1.04-1.11x (docs/performance.md#fast-sampling) and off keeps the official
+    # sampler's samples; YAML reads a bare `off` as false, so false means off too
     cache: Union[str, bool] = "off"
 
     def __post_init__(self):  # checked when the recipe is built: before training, not at its final grid
