@@ -241,6 +241,7 @@ def test_the_causal_backbone_stacks_with_what_it_can_follow():
                                      sampler=sampler_for(cache))).all()
 
 
+@pytest.mark.slow  # about a minute of inductor compiles on 2 cores; the compiled head itself: test_fast_paths.py
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_the_compiled_head_stacks_with_every_option():
