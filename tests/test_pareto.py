@@ -121,3 +121,24 @@ def test_fast_sets_the_measured_point_says_so_and_yields_to_given_options(sandbo
                         "--num_iter", "2")
     assert given.returncode == 0 and "--num_iter" not in next(
         x for x in given.stderr.splitlines() if x.startswith("--fast true sets"))
+
+
+def test_the_default_grid_leaves_out_what_the_run_cannot_take():
+    from types import SimpleNamespace
+
+    from sandbox.eval.pareto import DEFAULT_GRID, default_grid
+    from sandbox.plugins.backbones.causal import CausalBackbone
+
+    class NoSteps:
+        supports_num_steps, default_num_steps = False, None
+
+    class Steps:
+        supports_num_steps, default_num_steps = True, 50
+
+    from sandbox.core.contracts import Backbone
+
+    plain = Backbone.__new__(Backbone)  # check_cache reads only its class
+    assert default_grid(SimpleNamespace(head=Steps(), backbone=plain)) == DEFAULT_GRID
+    assert "head_steps" not in default_grid(SimpleNamespace(head=NoSteps(), backbone=plain))
+    causal = CausalBackbone.__new__(CausalBackbone)
+    assert "cache" not in default_grid(SimpleNamespace(head=Steps(), backbone=causal))

@@ -44,11 +44,11 @@ def run_pareto(run_dir: str, grid: dict | None, seeds: int, num_images: int, tim
     """Score (``sandbox sweep``), time and map every point; returns the result written to pareto.json."""
     if seeds < 1 or num_images < 1 or timing_images < 1:
         raise UserError("--pareto_seeds, --pareto_images and --pareto_timing_images must be >= 1")
-    grid = grid or DEFAULT_GRID
-    rows = _scored(run_dir, grid, seeds, num_images, name, device)
     from sandbox.run.loading import load_run
 
     loaded = load_run(run_dir, device=device)
+    grid = grid or default_grid(loaded.model)
+    rows = _scored(run_dir, grid, seeds, num_images, name, device)
     default = _default_point(loaded, rows)
     variants = {}  # (ema, head fields) -> the run loaded so, for points that sample with other weights or head
     for row in rows:
@@ -64,6 +64,21 @@ def run_pareto(run_dir: str, grid: dict | None, seeds: int, num_images: int, tim
               "points": [_summary(r, i in frontier, default) for i, r in enumerate(rows)]}
     _write(loaded.root / "sweeps" / name, result)
     return result
+
+
+def default_grid(model) -> dict:
+    """``DEFAULT_GRID`` less the options the run cannot take: head-step schedules for a head without step counts
+    (a categorical head draws once), the approximate cache for a backbone with a cache of its own (causal)."""
+    from sandbox.fast.step_cache import check_cache
+
+    grid = dict(DEFAULT_GRID)
+    if not (model.head.supports_num_steps and model.head.default_num_steps is not None):
+        del grid["head_steps"]
+    try:
+        check_cache("approx:2", model.backbone)
+    except UserError:
+        del grid["cache"]
+    return grid
 
 
 def _scored(run_dir: str, grid: dict, seeds: int, num_images: int, name: str, device: str) -> list[dict]:
