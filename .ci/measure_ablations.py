@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sandbox.eval.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "ablations"
@@ -150,20 +150,6 @@ def write_doc(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None
     tmp = path.with_suffix(".tmp")
     tmp.write_text(doc)
     tmp.replace(path)
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{os.cpu_count()} cores ({cpu})"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sandbox.eval.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = os.environ.get("SANDBOX_TASKS_TINY", "") not in ("", "0")
@@ -233,20 +232,6 @@ def write_doc(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
     tmp.replace(path)
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
-    return out.stdout.strip() or "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{os.cpu_count()} cores ({cpu})"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,14 +37,14 @@ import contextlib
 import io
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sandbox.eval.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = os.environ.get("SANDBOX_TUNING_TINY", "") not in ("", "0")
@@ -483,18 +483,6 @@ def write_page(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(doc)
     tmp.replace(path)
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
-    return out.stdout.strip() or "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, AttributeError):
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    return f"{os.cpu_count()} cores ({cpu})"
 
 
 def main(argv: list[str] | None = None) -> None:

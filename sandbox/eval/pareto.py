@@ -22,20 +22,21 @@ import contextlib
 import io
 import json
 import math
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 from sandbox.errors import UserError
+from sandbox.eval.provenance import git_commit, machine
+from sandbox.eval.sweep import SAMPLING_TYPES
 
 # the speed options of the sampling core, each at today's default and at a faster setting: the recipe's step
 # count and fewer (MAR Fig. 6: quality holds down to ~8 steps at 256 tokens), the head's own step count ("100%")
 # and DiSA's annealing from it down to a tenth, and no cache and LazyMAR's full step every 2nd
 DEFAULT_GRID = {"num_iter": [4, 8, 16], "head_steps": ["100%", "linear:100%:10%"], "cache": ["off", "approx:2"]}
-# the options ``sandbox.generate`` takes; a point's other keys are ``ema`` and the head's fields (a sampler, its
-# step count), which the timing pass loads the run with -- so every point is timed as it was scored
-TIMED = ("num_iter", "cfg", "cfg_schedule", "temperature", "batch_size", "head_steps", "cache")
+# the sweep's sampling options but ``ema``: those ``sandbox.generate`` takes; a point's other keys are ``ema`` and
+# the head's fields (a sampler, its step count), which the timing pass loads the run with -- so every point is
+# timed as it was scored
+TIMED = tuple(k for k in SAMPLING_TYPES if k != "ema")
 FD, ACC, FLOOR = "frechet_distance", "accuracy", "real_frechet_floor"
 
 
@@ -60,7 +61,7 @@ def run_pareto(run_dir: str, grid: dict | None, seeds: int, num_images: int, tim
         row["images_per_s"] = _time_point(variants[key], row["point"], timing_images)
     frontier = pareto_frontier(rows)
     result = {"run_dir": str(run_dir), "step": loaded.step, "grid": grid, "seeds": seeds, "num_images": num_images,
-              "timing_images": timing_images, "machine": machine(), "commit": commit(), "default_point": default,
+              "timing_images": timing_images, "machine": _machine(), "commit": git_commit(), "default_point": default,
               "points": [_summary(r, i in frontier, default) for i, r in enumerate(rows)]}
     _write(loaded.root / "sweeps" / name, result)
     return result
@@ -99,6 +100,13 @@ def _variant(point: dict) -> str:
     """What a point loads the run with, as a key: [ema, {head field: value}]."""
     head = {k.removeprefix("head_args."): v for k, v in point.items() if k not in TIMED and k != "ema"}
     return json.dumps([point.get("ema", True), head], sort_keys=True)
+
+
+def _machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{machine()}, torch {torch.__version__}{gpu}"
 
 
 def _default_point(loaded, rows: list[dict]) -> dict | None:
@@ -143,29 +151,6 @@ def _summary(row: dict, on_frontier: bool, default: dict | None) -> dict:
             if key in s:
                 out[key + "_std"] = s[key]
     return out
-
-
-def machine() -> str:
-    import os
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
-
-
-def commit() -> str | None:
-    """The repository's commit (with '+' when the tree has changes), or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("+" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------
