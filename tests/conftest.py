@@ -28,6 +28,19 @@ TINY_RECIPE = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (thread synchronisation costs more than it saves, much more on
+    a busy 2-core machine), restored after it, so later modules run with the process's own count. A module asks
+    for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"

@@ -26,7 +26,8 @@ from sandbox.core.schedules import HeadSteps
 from sandbox.errors import UserError
 from sandbox.fast.step_cache import CacheMode, GuidanceCache, MARStepCache, check_cache, sampler_for
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 HEADS = {  # (head recipe, network calls of one sample call with k steps)
     "ddpm": ({"class_path": "DiffusionHead", "init_args": {"width": 32, "depth": 1, "num_sampling_steps": 10,
@@ -41,13 +42,6 @@ HEADS = {  # (head recipe, network calls of one sample call with k steps)
 ORDERINGS = {"random": {"class_path": "RandomOrdering"}, "raster": {"class_path": "RasterOrdering"},
              "multiscale": {"class_path": "MultiscaleOrdering"}}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(head: str = "ddpm", ordering: str = "random", backbone: dict | None = None, fast_paths: bool = True,

@@ -23,16 +23,8 @@ from sandbox.plugins.heads.shortcut import ShortcutHead, dyadic_steps
 from sandbox.testing import check_head
 
 # diffusers 0.42 builds a numpy array from a tensor in DPMSolverMultistepScheduler.set_timesteps (harmless)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small MLPs on a few hundred rows: thread synchronisation costs more than it saves (as in test_heads.py)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def randomized(head: Head, seed: int = 0) -> Head:

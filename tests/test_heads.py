@@ -18,7 +18,8 @@ from sandbox.plugins.heads.flow import FlowHead, shift_time
 from sandbox.testing import check_head
 
 # diffusers 0.42 builds a numpy array from a tensor in DPMSolverMultistepScheduler.set_timesteps (harmless)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 MEANS = torch.tensor([[[-0.5, -0.3], [0.4, 0.5]], [[-0.45, 0.5], [0.5, -0.45]], [[0.1, -0.1], [0.1, -0.1]]])  # (K,M,2)
 STDS = torch.tensor([[[0.1, 0.1], [0.1, 0.1]], [[0.12, 0.05], [0.05, 0.12]], [[0.25, 0.08], [0.25, 0.08]]])  # (K,M,2)
@@ -42,14 +43,6 @@ SAMPLERS = [  # (head, sampler, steps): the issue's comparison settings
 ]
 SAMPLER_IDS = [f"{h}-{s}{n}" for h, s, n in SAMPLERS]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a 2 x 64 MLP on 256 rows: thread synchronisation costs more than it saves, and much more on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def draw(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -32,13 +32,7 @@ MU = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64)
 SIGMA = torch.tensor([0.5, 0.2, 1.0, 0.05], dtype=torch.float64)
 LN2 = math.log(2.0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small MLPs: threads cost more than they save, on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draw(n: int, seed: int, sigma: torch.Tensor = SIGMA) -> torch.Tensor:

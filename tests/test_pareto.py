@@ -6,11 +6,10 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from sandbox.eval.pareto import pareto_frontier, pareto_table
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # not a module-level set_num_threads: it would leak
 
 GRID = "{num_iter: [2, 3], cache: ['off', 'approx:2']}"  # the tiny run samples with num_iter 3: its default
 
@@ -107,7 +106,8 @@ def test_fast_sets_the_measured_point_says_so_and_yields_to_given_options(sandbo
 
     from sandbox.fast.sampling import FAST_MEASURED, FAST_SAMPLING
 
-    fast = sandbox_cli("sample", "--run_dir", run, "--num_images", "4", "--out", tmp_path / "fast.npz", "--fast", "true")
+    fast = sandbox_cli("sample", "--run_dir", run, "--num_images", "4", "--out", tmp_path / "fast.npz",
+                       "--fast", "true")
     assert fast.returncode == 0, fast.stderr[-2000:]
     line = next(x for x in fast.stderr.splitlines() if x.startswith("--fast true sets"))
     assert FAST_MEASURED is not None and FAST_MEASURED in line

@@ -18,20 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from sandbox.eval.report import fmt, read_scores, read_sweeps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny runs: one thread (restored after, so later tests run with the process's own count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ALPHA_EVAL = {"run_dir": "alpha", "step": 4, "num_images": 50, "accuracy": 0.42, "frechet_distance": 123.456,

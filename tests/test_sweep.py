@@ -17,7 +17,7 @@ import torch
 
 from sandbox.plugins.datasets.digits import DigitsDataset
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # not a module-level set_num_threads: it would leak
 
 FAST = ("--num_images", "10", "--num_iter", "2")  # 10 images, 2 plan steps: the wiring, not the quality
 GRID = "{cfg: [1.0, 3.0], temperature: [0.8, 1.0]}"

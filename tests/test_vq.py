@@ -19,13 +19,7 @@ from sandbox.testing import check_head, check_tokenizer, contract_args
 
 TINY_VQ = contract_args(VQTokenizer)["config"]  # two levels (stride 2), 16 codes of 4 dims, random weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread synchronisation costs more than it saves on a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:
