@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from sandbox.eval.provenance import git_commit, machine
+from sandbox.eval.provenance import git_commit, machine, write_between_markers
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "ablations"
@@ -138,18 +138,8 @@ def table(results: dict, meta: dict) -> str:
 
 
 def write_doc(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put ``text`` between the markers ``begin`` and ``end`` of ``path`` (added at the end of a page without them:
-    a tiny run's page)."""
-    doc = path.read_text() if path.is_file() else "# Ablations (tiny run)\n"
-    if begin not in doc or end not in doc:
-        if not TINY:
-            sys.exit(f"measure_ablations: {path} has no markers {begin} ... {end}")
-        doc += f"\n{begin}\n{end}\n"
-    head, rest = doc.split(begin, 1)
-    doc = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(doc)
-    tmp.replace(path)
+    """``text`` between the markers of ``path`` (shared by measure_speed.py)."""
+    write_between_markers(path, text, begin, end, "measure_ablations", "# Ablations (tiny run)" if TINY else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,18 +18,15 @@ RUN="${RUN:-runs/quickstart}"
 python -m sandbox train --config recipes/quickstart.yaml --run_dir "$RUN"
 python -m sandbox bench --pareto "$RUN" --json "$RUN/sweeps/pareto/bench.json" > /dev/null
 python - "$RUN" <<'PY'
-import re, shutil, sys
+import shutil, sys
 from pathlib import Path
 
+from sandbox.eval.provenance import write_between_markers
+
 folder = Path(sys.argv[1]) / "sweeps" / "pareto"
-page = Path("docs/performance.md")
-begin, end = "<!-- pareto table: begin (.ci/measure_fast_sampling.sh) -->", "<!-- pareto table: end -->"
-text = page.read_text()
-if begin not in text or end not in text:
-    sys.exit(f"{page} has no markers {begin} ... {end}")
-table = (folder / "pareto.md").read_text().strip()
-page.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{table}\n{end}", text,
-                       flags=re.S))
+write_between_markers(Path("docs/performance.md"), (folder / "pareto.md").read_text().strip(),
+                      "<!-- pareto table: begin (.ci/measure_fast_sampling.sh) -->", "<!-- pareto table: end -->",
+                      "measure_fast_sampling")
 shutil.copyfile(folder / "pareto.png", "docs/quickstart_pareto.png")
-print(f"wrote {page} and docs/quickstart_pareto.png")
+print("wrote docs/performance.md and docs/quickstart_pareto.png")
 PY

@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from sandbox.eval.provenance import git_commit, machine
+from sandbox.eval.provenance import git_commit, machine, write_between_markers
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = os.environ.get("SANDBOX_TASKS_TINY", "") not in ("", "0")
 BEGIN, END = "<!-- measured: begin (.ci/measure_tasks.sh writes it) -->", "<!-- measured: end -->"
+NEW_PAGE = "# Other tasks (tiny run)" if TINY else None  # a tiny run writes a page of its own
 LOW = 4  # px: the low-resolution side of super-resolution (4x4 -> 16x16, issue 23)
 TASKS = ("inpaint", "classedit", "superres")
 # the pictures: (file stem, run, edit arguments); one held-out digit per class, seed 0
@@ -221,19 +222,6 @@ def picture_table(names: list[str]) -> str:
                        "The inpainting, step by step: ![inpainting animation](tasks_inpaint.gif)"])
 
 
-def write_doc(path: Path, text: str) -> None:
-    """Put ``text`` between the page's markers (a tiny run's page gets them at its end)."""
-    doc = path.read_text() if path.is_file() else "# Other tasks (tiny run)\n"
-    if BEGIN not in doc or END not in doc:
-        if not TINY:
-            sys.exit(f"measure_tasks: {path} has no markers {BEGIN} ... {END}")
-        doc += f"\n{BEGIN}\n{END}\n"
-    head, rest = doc.split(BEGIN, 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quickstart", type=Path, required=True, help="The quickstart run directory.")
@@ -263,9 +251,10 @@ def main(argv: list[str] | None = None) -> None:
                 results[key] = measure(task, seed, runs, paths, work, scorer)
                 store.write_text(json.dumps(results, indent=1))
                 print(f"{key}: {json.dumps(results[key])}", flush=True)
-            write_doc(out, tables(results, refs, meta))
+            write_between_markers(out, tables(results, refs, meta), BEGIN, END, "measure_tasks", NEW_PAGE)
     names = pictures(runs, paths, out.parent)
-    write_doc(out, tables(results, refs, meta) + "\n" + picture_table(names))
+    page = tables(results, refs, meta) + "\n" + picture_table(names)
+    write_between_markers(out, page, BEGIN, END, "measure_tasks", NEW_PAGE)
     print(f"wrote {', '.join(names)} in {out.parent} and the tables in {out}")
 
 

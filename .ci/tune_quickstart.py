@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.eval.provenance import git_commit, machine
+from sandbox.eval.provenance import git_commit, machine, write_between_markers
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = os.environ.get("SANDBOX_TUNING_TINY", "") not in ("", "0")
@@ -471,20 +471,6 @@ def page_text(store: Store, meta: dict, seeds: list[int]) -> str:
                       *others_section(store)])
 
 
-def write_page(path: Path, text: str) -> None:
-    """``text`` between the markers of ``path`` (added at the end of a page without them: a tiny run's page)."""
-    doc = path.read_text() if path.is_file() else "# Tuning the quickstart (tiny run)\n"
-    if BEGIN not in doc or END not in doc:
-        if not TINY:
-            sys.exit(f"tune_quickstart: {path} has no markers {BEGIN} ... {END}")
-        doc += f"\n{BEGIN}\n{END}\n"
-    before, rest = doc.split(BEGIN, 1)
-    doc = before + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(doc)
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     names = [c.name for c in CANDIDATES]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -508,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
             "num_images": args.num_images}
 
     def page():
-        write_page(out, page_text(store, meta, seeds))
+        write_between_markers(out, page_text(store, meta, seeds), BEGIN, END, "tune_quickstart",
+                              "# Tuning the quickstart (tiny run)" if TINY else None)
 
     if "candidates" in args.stages:
         candidates_stage(chosen, store, work, args.num_images, page)

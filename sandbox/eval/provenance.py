@@ -1,11 +1,12 @@
-"""Where a measurement was made: the repository's commit and the machine, for the tables the project publishes
-(the brief's rule: every measured number names its commit and machine)."""
+"""Publishing measurements: where one was made (the repository's commit and the machine: every measured number
+names both) and writing its table between a page's markers."""
 from __future__ import annotations
 
 import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,3 +30,18 @@ def machine() -> str:
     except (OSError, AttributeError):
         pass
     return f"{os.cpu_count()} cores ({cpu})"
+
+
+def write_between_markers(path: Path, text: str, begin: str, end: str, who: str, new_page: str | None = None) -> None:
+    """Put ``text`` between the markers ``begin`` and ``end`` of the page ``path`` (atomically), the rest of the
+    page kept. A page without them (or no page) is an error naming ``who``, unless ``new_page`` is given (a tiny
+    run's page: that title, then the markers at its end)."""
+    doc = path.read_text() if path.is_file() else f"{new_page}\n"
+    if begin not in doc or end not in doc:
+        if new_page is None:
+            sys.exit(f"{who}: {path} has no markers {begin} ... {end}")
+        doc += f"\n{begin}\n{end}\n"
+    head, rest = doc.split(begin, 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    tmp.replace(path)
