@@ -61,7 +61,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sandbox.core.checks import broken
 from sandbox.core.contracts import Backbone, BackboneSampler, ConditionTokens, Ordering, TrainingSplit
-from sandbox.core.transformer import MARConfig, condition_buffer
+from sandbox.core.transformer import MARConfig, condition_buffer, init_linears_and_norms
 from sandbox.errors import UserError
 
 
@@ -147,14 +147,7 @@ class CausalBackbone(Backbone):
         # as MARBackbone (the official MAR init): N(0, 0.02) embeddings, xavier-uniform linears, unit LayerNorms
         for p in (self.query_token, self.pos_embed, self.prefix_pos):
             nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
 
     def repeated_blocks(self) -> list[nn.Module]:
         return list(self.blocks)

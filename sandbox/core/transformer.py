@@ -92,6 +92,18 @@ def condition_buffer(cond: ConditionTokens, size: int, owner: str) -> tuple[Tens
     return torch.cat([cond.tokens, pad], 1), torch.cat([mask, mask.new_zeros(B, size - T)], 1)
 
 
+def init_linears_and_norms(module: nn.Module) -> None:
+    """The official MAR init of ``module``'s layers: xavier-uniform linears with zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MARBackbone(Backbone):
     """MAR: a bidirectional encoder-decoder that turns partly visible token sequences into per-position conditions."""
 
@@ -147,14 +159,7 @@ class MARBackbone(Backbone):
         if self.num_groups > 1:
             nn.init.normal_(self.group_embed.weight, std=0.02)
             nn.init.normal_(self.decoder_group_embed.weight, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms(self)
 
     def set_groups(self, groups: Tensor) -> None:
         """Take the ordering's (L,) position groups."""
