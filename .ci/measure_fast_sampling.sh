@@ -9,8 +9,10 @@
 # linear:100%:10% x cache off / approx:2) over 3 seeds of 1,000 samples (sandbox sweep: finished points are kept,
 # so a stopped map continues) and times each in one process over 256 images. Expected on a free 2-core CPU:
 # about 20 minutes (36 sample sets of 1,000 digits, 15-65 s each, then the timing pass), plus ~6 to train.
-# The frontier point that keeps the Frechet distance within the seeds' spread of the default's is what
-# `--fast true` sets: FAST_SAMPLING in sandbox/fast/sampling.py, updated by hand with the commit it was read at.
+# What `--fast true` sets (FAST_SAMPLING in sandbox/fast/sampling.py, updated by hand with the commit it was read
+# at) is the fastest point found within the seeds' spread of the default's Frechet distance, over this map and the
+# step-count maps of docs/performance.md ("Step counts at four plan steps": --pareto_grid with constant and annealed
+# head_steps at num_iter 4), confirmed side by side by .ci/measure_fast_target.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -135,6 +135,16 @@ def test_a_head_without_step_counts_refuses_a_schedule():
     check_head_steps(exp.model.head, "cosine:100%:20%")
 
 
+def test_fast_fits_its_schedule_to_the_head_s_fewest_steps():
+    """`--fast`'s share of the head's own count, lifted to the fewest steps the head takes (DDPM: 2)."""
+    from sandbox.fast.sampling import fit_schedule
+
+    ddpm, heun = tiny("ddpm").model.head, tiny("heun").model.head  # 10 own steps each
+    assert fit_schedule(ddpm, "20%") == "2" and fit_schedule(ddpm, "10%") == "2"  # 1 step: lifted to DDPM's 2
+    assert fit_schedule(heun, "10%") == "1"  # a flow head takes one step
+    assert fit_schedule(ddpm, "linear:100%:10%") == "linear:10:2" and fit_schedule(ddpm, "100%") == "10"
+
+
 # --------------------------------------------------------------------------------------
 # 2. Caching across plan steps
 # --------------------------------------------------------------------------------------

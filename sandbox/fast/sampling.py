@@ -19,12 +19,15 @@ from sandbox.fast.step_cache import check_cache, sampler_for
 
 # ``--fast true``: the point of the quality-speed map that keeps the default's quality at the most images/s.
 # Measured on the quickstart (docs/performance.md#fast-sampling: `sandbox bench --pareto`, 3 seeds x 1,000
-# samples): 4 plan steps instead of 16, DiSA's annealing of the head's steps from its own count to a tenth
-# (50 -> 5 for the DDPM head) and LazyMAR's caches refreshed every other step: 3.75x the images/s of the
-# recipe's settings at a Frechet distance of 63.5 +- 2.4 against 64.4 +- 1.5. (DPM-Solver++ at 20 steps is as
-# fast at the same quality but changes the head's sampler, which --fast leaves to the recipe.)
-FAST_SAMPLING = {"num_iter": 4, "head_steps": "linear:100%:10%", "cache": "approx:2"}
-FAST_MEASURED: str | None = "commit 5f40495 on the 2-core CPU"  # None: FAST_SAMPLING is provisional
+# samples; .ci/measure_fast_target.py side by side in one process): 4 plan steps instead of 16, a fifth of the
+# head's own steps at every step (DDPM 50 -> 10) and LazyMAR's caches refreshed every other step: 5.85x the
+# recipe's settings (1,000 images in 9.2 s against 54.1 s) at a Frechet distance of 64.5 +- 1.5 against
+# 64.4 +- 1.5. Why a constant count and not DiSA's annealing (the previous --fast, linear:50:5): annealing was
+# slower at the same Frechet distance (linear:50:5: 63.5 +- 2.4 at 75 images/s; a constant 12: 63.5 +- 0.6 at 112)
+# and worse at the same speed (linear:30:5: 66.5 +- 1.4 at 97), because the plan's last steps reveal most of the
+# tokens (5, 14, 21, 24 of 64 at 4 steps) and so their few head steps decide most of the image.
+FAST_SAMPLING = {"num_iter": 4, "head_steps": "20%", "cache": "approx:2"}
+FAST_MEASURED: str | None = "commit 9b61bdf on the 2-core CPU"  # None: FAST_SAMPLING is provisional
 
 
 def fast_options(given: dict, model) -> dict:
@@ -57,11 +60,17 @@ def fit_schedule(head, spec) -> str | None:
     if not (head.supports_num_steps and head.default_num_steps is not None):
         return None
     schedule = HeadSteps.parse(spec).resolve(head.default_num_steps)
-    start, end = schedule.values if schedule.kind in ("linear", "cosine") else (None, None)
-    for last in range(end, start + 1) if end is not None and end < start else ():
+    if schedule.kind == "constant":  # a share of a small count can fall below the fewest steps (DDPM: 2)
+        candidates = [str(k) for k in range(schedule.values[0], max(schedule.values[0], head.default_num_steps) + 1)]
+    elif schedule.kind in ("linear", "cosine") and schedule.values[1] < schedule.values[0]:
+        start, end = schedule.values
+        candidates = [f"{schedule.kind}:{start}:{last}" for last in range(end, start + 1)]
+    else:
+        candidates = []
+    for candidate in candidates:
         try:
-            check_head_steps(head, f"{schedule.kind}:{start}:{last}")
-            return f"{schedule.kind}:{start}:{last}"
+            check_head_steps(head, candidate)
+            return candidate
         except UserError:
             continue
     return str(schedule)
