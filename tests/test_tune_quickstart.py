@@ -38,6 +38,8 @@ def test_the_campaign_at_a_tiny_scale_fills_the_page_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     store = json.loads((tmp_path / "runs" / "tuning" / "results.json").read_text())
     winner = store["final/settings"]["winner"]
+    assert store["final/settings"]["point"]["num_iter"] == 2  # the head stage's plan steps: a sampling option,
+    assert "num_iter" not in (store["final/settings"]["head_args"] or {})  # not a head argument
     for key in ("train/baseline/seed0", "sweep/baseline", "train/flow/seed0", "sweep/flow", f"head_sweep/{winner}",
                 f"eval/{winner}/seed1/tuned", "eval/baseline/seed1/shipped", "others/quickstart_raster/sweep"):
         assert key in store, key
