@@ -21,14 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_POINTS = [
-    {"name": "default"},
-    {"name": "default, compiled", "compile": True},
-    {"name": "--fast", "num_iter": 4, "head_steps": "linear:50:5", "cache": "approx:2"},
-    {"name": "--fast, compiled", "num_iter": 4, "head_steps": "linear:50:5", "cache": "approx:2", "compile": True},
-    {"name": "dpm++ 20, 4 iter, approx:2", "num_iter": 4, "head_args": {"sampler": "dpm++"}, "head_steps": 20,
-     "cache": "approx:2"},
-]
+
+def default_points() -> list[dict]:
+    """The recipe's settings and what ``--fast true`` sets (``FAST_SAMPLING``), each eager and compiled."""
+    from sandbox.fast.sampling import FAST_SAMPLING
+
+    return [{"name": "default"}, {"name": "default, compiled", "compile": True},
+            {"name": "--fast", **FAST_SAMPLING}, {"name": "--fast, compiled", **FAST_SAMPLING, "compile": True}]
+
+
 LOAD_KEYS = ("head_args", "compile")
 GENERATE_KEYS = ("num_iter", "head_steps", "cache", "cfg", "temperature")
 
@@ -36,7 +37,8 @@ GENERATE_KEYS = ("num_iter", "head_steps", "cache", "cfg", "temperature")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--points", default=None, help="a JSON list of points (default: %(default)s -> DEFAULT_POINTS)")
+    p.add_argument("--points", default=None, help="a JSON list of points (default: default_points())")
+    p.add_argument("--device", default="auto", help="where to sample (load_run's device)")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -47,10 +49,10 @@ def main(argv=None) -> int:
     import sandbox
     from sandbox.eval.provenance import git_commit, machine
 
-    points = json.loads(args.points) if args.points else DEFAULT_POINTS
+    points = json.loads(args.points) if args.points else default_points()
     runs = []
     for point in points:
-        run = sandbox.load_run(args.run_dir, device="cpu", **{k: point[k] for k in LOAD_KEYS if k in point})
+        run = sandbox.load_run(args.run_dir, device=args.device, **{k: point[k] for k in LOAD_KEYS if k in point})
         kwargs = {k: point[k] for k in GENERATE_KEYS if k in point}
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -63,8 +65,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 sandbox.generate(run, num_images=args.images, seed=1 + r, **kwargs)
-            best[i] = min(best[i], time.perf_counter() - t0)
-            print(f"repeat {r} {point['name']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            seconds = time.perf_counter() - t0
+            best[i] = min(best[i], seconds)
+            print(f"repeat {r} {point['name']}: {seconds:.1f} s", file=sys.stderr)
     rows = [{"point": point, "seconds": round(best[i], 2), "speedup": round(best[0] / best[i], 2)}
             for i, (point, *_rest) in enumerate(runs)]
     result = {"run_dir": str(args.run_dir), "images": args.images, "repeats": args.repeats,
