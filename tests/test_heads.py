@@ -274,9 +274,12 @@ def test_recipes_build(recipe):
     cfg = parse(recipe)
     exp = build(cfg)
     assert type(exp.model.head).__name__ == "FlowHead"
-    if recipe == "quickstart_flow.yaml":  # the quickstart but for the head
+    if recipe == "quickstart_flow.yaml":  # the quickstart but for the head and its own best sampling point
         quickstart = parse("quickstart.yaml").as_dict()
-        for key in ("data", "tokenizer", "ordering", "model", "train", "sample", "seed"):
+        for key in ("data", "tokenizer", "ordering", "model", "train", "seed"):
             assert cfg.as_dict()[key] == quickstart[key], key
+        ours = {k: v for k, v in cfg.as_dict()["sample"].items() if k not in ("num_iter", "cfg")}
+        assert ours == {k: v for k, v in quickstart["sample"].items() if k not in ("num_iter", "cfg")}
+        assert (cfg.sample.num_iter, cfg.sample.cfg) == (4, 2.0)  # docs/tuning.md: the flow quickstart's sweep
     if recipe.startswith("pixels"):
         assert exp.image_size == 32 and exp.tokenizer.token_dim == 48 and exp.model.head.prediction == "x"

@@ -65,12 +65,13 @@ def test_every_candidate_and_grid_is_accepted(monkeypatch, tmp_path):
                                 "--print_config"], tmp_path)
         assert "head:" in text, cand.name
     heads = {"DiffusionHead": DiffusionHead, "FlowHead": FlowHead}
-    for grid in (tune.GRID, tune.TINY_GRID):
+    for grid in (tune.GRID, tune.TINY_GRID, *tune.OTHERS_GRIDS.values()):
         for head in heads.values():
             check_grid(parse_grid(_yaml(grid)), head, {}, None)
     for name, grid in (*tune.HEAD_GRIDS.items(), *tune.TINY_HEAD_GRIDS.items()):
         check_grid(parse_grid(_yaml(grid)), heads[name], {}, None)
     assert {c.recipe for c in tune.CANDIDATES} | set(tune.OTHERS) <= {p.stem for p in (REPO / "recipes").glob("*.yaml")}
+    assert set(tune.OTHERS_GRIDS) == set(tune.OTHERS)  # every other quickstart has its grid
 
 
 def _yaml(text: str):
