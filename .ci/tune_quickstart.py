@@ -243,13 +243,13 @@ def sweep(run: str, grid: str, name: str, work: Path, num_images: int, extra: tu
     sandbox(["sweep", "--run_dir", run, "--grid", grid, "--name", name, "--num_images", str(num_images), *extra], work)
     rows = json.loads((work / run / "sweeps" / name / "results.json").read_text())
     return {"rows": [{"point": r["point"], **{k: r["metrics"].get(k) for k in SCORES}} for r in rows],
-            "best": choose(rows)}
+            "best": choose(rows, num_images)}
 
 
 SCORES = ("accuracy", "frechet_distance", "real_frechet_floor")
 
 
-def choose(rows: list[dict]) -> dict:
+def choose(rows: list[dict], num_images: int) -> dict:
     """The lowest Frechet distance among the points with accuracy >= 97%; where none reaches it, among the points
     whose accuracy is within two binomial standard errors of the best one's (the sample set's noise: 1.5 points at
     94% and 1,000 samples), so sampling noise in the accuracy does not pick a worse distance (measured: the
@@ -258,8 +258,9 @@ def choose(rows: list[dict]) -> dict:
     good = [r for r in rows if (r["metrics"].get("accuracy") or 0) >= TARGET_ACCURACY]
     if not good:
         top = max(rows, key=lambda r: r["metrics"].get("accuracy") or 0)["metrics"]
-        acc, n = top.get("accuracy") or 0, top.get("num_images") or 1000
-        good = [r for r in rows if (r["metrics"].get("accuracy") or 0) >= acc - 2 * math.sqrt(acc * (1 - acc) / n)]
+        acc = top.get("accuracy") or 0
+        noise = 2 * math.sqrt(acc * (1 - acc) / num_images)
+        good = [r for r in rows if (r["metrics"].get("accuracy") or 0) >= acc - noise]
     best = min(good, key=lambda r: r["metrics"]["frechet_distance"])
     return {"point": best["point"], **{k: best["metrics"].get(k) for k in SCORES}}
 

@@ -106,3 +106,22 @@ def test_the_command_wrapper_runs_sandbox_in_a_subprocess(monkeypatch, tmp_path)
     assert seconds > 0 and "DiffusionHead" in out
     with pytest.raises(SystemExit, match="exited 2"):
         tune.sandbox(["sweep", "--run_dir", str(tmp_path / "none"), "--grid", "{cfg: [1.0]}"], tmp_path)
+
+
+def test_the_chosen_point_and_the_grid_edge(monkeypatch):
+    tune = load_script(monkeypatch)
+
+    def row(cfg, acc, fd):
+        return {"point": {"cfg": cfg}, "metrics": {"accuracy": acc, "frechet_distance": fd, "real_frechet_floor": 9.2}}
+
+    # no point at 97%: a 0.3-point lead is within the noise of 1,000 samples (2 s.e. ~ 1.5 points), 3 points is not
+    rows = [row(2.0, 0.910, 100.0), row(3.0, 0.937, 129.2), row(4.0, 0.940, 163.2)]
+    assert tune.choose(rows, 1000)["point"] == {"cfg": 3.0}
+    assert tune.choose(rows, 100_000)["point"] == {"cfg": 4.0}  # with far more samples the lead is real
+    # a point at 97% or more: the lowest distance among those
+    rows = [row(2.0, 0.975, 60.0), row(3.0, 0.990, 50.0), row(4.0, 0.960, 40.0)]
+    assert tune.choose(rows, 1000)["point"] == {"cfg": 3.0}
+    flagged = {"rows": rows, "best": {"point": {"cfg": 4.0}}}
+    assert "edge in cfg" in tune.edges(flagged)
+    assert tune.edges({"rows": rows, "best": {"point": {"cfg": 3.0}}}) == ""
+    assert tune.edges({"rows": rows[:2], "best": {"point": {"cfg": 3.0}}}) == ""  # of two values, not flagged
