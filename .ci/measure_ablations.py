@@ -8,10 +8,10 @@ sampling, and write the table (mean +- std over the seeds) into docs/ablations.m
     SANDBOX_ABLATIONS_TINY=1 python .ci/measure_ablations.py --workdir /tmp/abl   # a few steps: does it all run?
 
 Run it alone on the machine: the times are part of the result. Measured on a free 2-core CPU: about 7 min for
-the tokenizers and 52 min per seed of the 8 cells, so about 2.7 hours in all (docs/ablations.md). Every finished (cell, seed) is kept in WORKDIR/runs/ablations/results.json,
-so an interrupted measurement continues where it stopped; the table is rewritten after every run. (A run
-stopped mid-training resumes, and its time counts only the rest: delete its runs/ablations/CELL/seedS for a clean
-time.)
+the tokenizers and 54-58 min per seed of the 8 cells, 2.9 hours in all (docs/ablations.md). Every finished
+(cell, seed) is kept in WORKDIR/runs/ablations/results.json, so an interrupted measurement continues where it
+stopped; the table is rewritten after every run. (A run stopped mid-training resumes, and its time counts only
+the rest: delete its runs/ablations/CELL/seedS for a clean time.)
 
 Every command runs as a subprocess (`python -m sandbox ...`) in --workdir (default: the repository root), where
 the recipes' relative tokenizer paths (runs/kl4_digits_tokenizer, runs/vq_digits_tokenizer) resolve. With

@@ -337,6 +337,10 @@ def final_stage(store: Store, work: Path, n: int, seeds: list[int], names: list[
             page()
 
 
+def others_grid(name: str) -> str:
+    return TINY_GRID if TINY else OTHERS_GRIDS[name]
+
+
 def others_stage(store: Store, work: Path, n: int, names: list[str], page) -> None:
     """The other quickstart recipes as shipped (seed 0): their sampling settings swept."""
     for name in names:
@@ -349,8 +353,7 @@ def others_stage(store: Store, work: Path, n: int, names: list[str], page) -> No
             return {"seconds": round(seconds, 1)}
 
         store.get(f"others/{name}/train", make)
-        grid = TINY_GRID if TINY else OTHERS_GRIDS[name]
-        store.get(f"others/{name}/sweep", lambda run=run, g=grid: sweep(run, g, "sampling", work, n))
+        store.get(f"others/{name}/sweep", lambda run=run, g=others_grid(name): sweep(run, g, "sampling", work, n))
         page()
 
 
@@ -498,8 +501,8 @@ def others_section(store: Store) -> list[str]:
             continue
         trained = store.data[f"others/{name}/train"]
         best = swept["best"]
-        grid = TINY_GRID if TINY else OTHERS_GRIDS[name]
-        lines += ["", (f"**{name}** (as shipped, seed 0, trained in {trained['seconds'] / 60:.1f} min; grid `{grid}`): "
+        lines += ["", (f"**{name}** (as shipped, seed 0, trained in {trained['seconds'] / 60:.1f} min; "
+                       f"grid `{others_grid(name)}`): "
                        f"best at {show_point(best['point'])}, {pct(best['accuracy'])} / "
                        f"{num(best['frechet_distance'])} (floor {num(best['real_frechet_floor'])}, {ratio(best)})"
                        f"{edges(swept)}."),
