@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The quickstart close to the data (issue 20, item 5): train candidate quickstart recipes within the 10-minute
 budget, sweep each one's sampling settings with `sandbox sweep`, sweep the winner's head sampler, train the winner
-and the shipped quickstart with 3 seeds and score both (mean +- std: accuracy, Frechet distance and its floor),
+and the quickstart before the campaign (recipes/quickstart_v1.yaml) with 3 seeds and score both (mean +- std: accuracy, Frechet distance and its floor),
 then sweep the sampling defaults of the other quickstart recipes (raster, multiscale, flow) -- and write every
 table into docs/tuning.md between its markers.
 
@@ -56,10 +56,12 @@ BUDGET_S = 600  # the issue's budget: training at most 10 minutes on the 2-core 
 # run-to-run spread of a 2-core machine take the rest
 TRAIN_BUDGET_S = 540
 TARGET_RATIO, TARGET_ACCURACY = 3.0, 0.97  # the issue's target: Frechet distance <= 3x the floor, accuracy >= 97%
-BASELINE_STEPS = 700  # recipes/quickstart.yaml
+BASELINE_STEPS = 700  # recipes/quickstart_v1.yaml: the quickstart before this campaign
 
 COSINE = ("--train.lr_schedule", "cosine", "--train.warmup_steps", "50", "--train.min_lr", "1.0e-5")
 EMA = ("--train.ema_warmup", "false", "--train.ema_decay", "0.995")
+# 4 x 4 grey patches: 16 tokens of 16 dims (the digits' channels are equal), x-prediction for the flow head (JiT)
+PATCH4 = ("--tokenizer.init_args.patch_size", "4", "--tokenizer.init_args.channels", "1")
 
 
 @dataclass(frozen=True)
@@ -72,23 +74,23 @@ class Candidate:
 
 
 CANDIDATES = (
-    Candidate("baseline", "quickstart", (), BASELINE_STEPS,
-              "The quickstart as shipped (700 steps, about 5.5 minutes): the before, and the yardstick of the "
-              "budget."),
-    Candidate("long", "quickstart", (), None,
+    Candidate("baseline", "quickstart_v1", (), BASELINE_STEPS,
+              "The quickstart before the tuning (recipes/quickstart_v1.yaml: 700 steps, about 5 minutes): the "
+              "before, and the yardstick of the budget."),
+    Candidate("long", "quickstart_v1", (), None,
               "The same recipe for the whole budget (about 1,200 steps): at 700 steps the loss still falls, and "
               "speckle is what a per-token head that has not converged draws."),
-    Candidate("cosine", "quickstart", COSINE, None,
+    Candidate("cosine", "quickstart_v1", COSINE, None,
               "A cosine decay of the lr to 1e-5 over the budget (50 warm-up steps): annealing the lr at the end "
               "of a short run lowers the final loss, the noise floor of a constant lr of 1e-3 is what speckles."),
-    Candidate("ema", "quickstart", EMA, None,
+    Candidate("ema", "quickstart_v1", EMA, None,
               "A fixed EMA of 0.995 without warm-up: the warm-up's decay (1+n)/(10+n) averages only the last ~n/9 "
               "steps (about 130 at 1,200), the 0.999 cap never binds; ~200 steps of averaging smooth the weights "
               "(Karras et al. 2024: the EMA length matters much for diffusion models)."),
-    Candidate("head_wide", "quickstart", ("--head.init_args.width", "256"), None,
+    Candidate("head_wide", "quickstart_v1", ("--head.init_args.width", "256"), None,
               "A 3 x 256 diffusion head: MAR (sec. 5.2, the Diffusion Loss table) gains from a wider head; a "
               "per-token distribution that is too coarse draws speckle."),
-    Candidate("head_mul8", "quickstart", ("--model.head_batch_mul", "8"), None,
+    Candidate("head_mul8", "quickstart_v1", ("--model.head_batch_mul", "8"), None,
               "The head sees each token 8 times per step (MAR's diffusion_batch_mul is 4): more timesteps and noise "
               "draws per transformer pass, so the per-token head trains more for a small part of the step's cost."),
     Candidate("flow", "quickstart_flow", (), None,
@@ -100,6 +102,20 @@ CANDIDATES = (
     Candidate("flow_cosine_ema", "quickstart_flow", COSINE + EMA, None,
               "The flow head with the cosine lr and the fixed EMA: the training levers together, in case they "
               "add up (one run instead of a factorial)."),
+    Candidate("flow_grey", "quickstart_flow", COSINE + EMA + ("--tokenizer.init_args.channels", "1"), None,
+              "flow_cosine_ema with grey tokens (4 dims instead of 12): the digits' three channels are equal, and a "
+              "head that draws each channel's noise apart speckles in colour."),
+    Candidate("flow_mask", "quickstart_flow", COSINE + EMA + ("--ordering.init_args.mask_ratio_min", "0.0",
+                                                              "--ordering.init_args.mask_ratio_std", "0.5"), None,
+              "flow_cosine_ema trained on mask ratios down to 0 (truncnorm around 1, std 0.5): MAR's [0.7, 1] never "
+              "shows the encoder more than 19 of the 64 tokens, where 4 plan steps ask with up to 41 known."),
+    Candidate("patch4", "quickstart_flow", COSINE + EMA + PATCH4 + ("--head.init_args.prediction", "x"), None,
+              "Tokens of 4 x 4 grey pixels (16 tokens of 16 dims) with x-prediction: a quarter of the sequence makes "
+              "a step ~3x cheaper, so ~2.5x the steps fit the budget, and the head draws a patch jointly where 2 x 2 "
+              "tokens leave 3x more patch borders to independent draws (the samples' blockiness)."),
+    Candidate("patch4_ddpm", "quickstart_v1", COSINE + EMA + PATCH4, None,
+              "patch4's tokens and training with the quickstart's DDPM head (eps-prediction): whether the gain is the "
+              "tokens' or the flow head's."),
 )
 GRID = "{cfg: [1.5, 2.0, 3.0, 4.0], temperature: [0.8, 1.0]}"  # the shipped point (3.0, 0.8) is one of them
 HEAD_GRIDS = {  # the winner's head sampler and plan steps, at its best cfg and temperature (num_iter: 4 plan steps
@@ -177,7 +193,8 @@ def head_class(run_dir: Path) -> str:
 
 
 class Store:
-    """WORKDIR/runs/tuning/results.json: every finished step by key, written after each."""
+    """WORKDIR/runs/tuning/results.json: every finished step by key, written after each, with the commit it ran at
+    (under "commits": a resumed campaign can span commits, and each table names its own)."""
 
     def __init__(self, work: Path):
         self.path = work / "runs" / "tuning" / "results.json"
@@ -186,6 +203,7 @@ class Store:
     def get(self, key: str, make):
         if key not in self.data:
             self.data[key] = make()
+            self.data.setdefault("commits", {})[key] = git_commit(REPO)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.data, indent=1))
@@ -393,6 +411,13 @@ def edges(result: dict) -> str:
     return f" -- at the grid's edge in {', '.join(out)}: a better point may lie beyond it" if out else ""
 
 
+def commits(store: Store, keys: list[str]) -> str:
+    """The commits the steps ``keys`` ran at, as "`abc1234`" or "`abc1234`, `def5678`" ("unknown" for a step
+    kept from before the store recorded them)."""
+    found = dict.fromkeys(store.data.get("commits", {}).get(k, "unknown") for k in keys if k in store.data)
+    return ", ".join(f"`{c}`" for c in found) or "-"
+
+
 def ratio(row: dict) -> str:
     fd, floor = row.get("frechet_distance"), row.get("real_frechet_floor")
     return f"{fd / floor:.1f}x" if fd is not None and floor else "-"
@@ -428,7 +453,7 @@ def candidates_section(store: Store) -> list[str]:
         return ["The candidates stage has not been run yet."]
     lines = ["### Candidates (seed 0): trained within the budget, best sampling point", "",
              ("| candidate | recipe + changes | steps | train (min) | best point | accuracy | Frechet distance | "
-              "floor | / floor |"), "|---|---|---|---|---|---|---|---|---|"]
+              "floor | / floor | commit |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for c in CANDIDATES:
         trained, swept = store.data.get(f"train/{c.name}/seed0"), store.data.get(f"sweep/{c.name}")
         if not trained or not swept:
@@ -437,7 +462,8 @@ def candidates_section(store: Store) -> list[str]:
         over = " **over budget**" if trained["seconds"] > BUDGET_S else ""
         lines.append(f"| {c.name} | `{c.recipe}` {' '.join(c.overrides) or '(as shipped)'} | {trained['steps']} | "
                      f"{trained['seconds'] / 60:.1f}{over} | {show_point(best['point'])} | {pct(best['accuracy'])} | "
-                     f"{num(best['frechet_distance'])} | {num(best['real_frechet_floor'])} | {ratio(best)} |")
+                     f"{num(best['frechet_distance'])} | {num(best['real_frechet_floor'])} | {ratio(best)} | "
+                     f"{commits(store, [f'train/{c.name}/seed0', f'sweep/{c.name}'])} |")
     lines += ["", "Why each candidate:", ""] + [f"- **{c.name}**: {c.why}" for c in CANDIDATES]
     for c in CANDIDATES:
         if f"sweep/{c.name}" in store.data:
@@ -458,7 +484,7 @@ def final_section(store: Store, seeds: list[int], num_images: int) -> list[str]:
         lines += [f"Head sampler of **{best}** at {show_point(settings['point'])}:",
                   "", *sweep_table(head), ""]
     lines += [("| recipe | sampling | seeds | train (min) | accuracy | Frechet distance | floor | / floor | "
-               f"sampling {num_images:,} (s) |"), "|---|---|---|---|---|---|---|---|---|"]
+               f"sampling {num_images:,} (s) | commit |"), "|---|---|---|---|---|---|---|---|---|---|"]
     met = None
     for name, which in (("baseline", "shipped"), (best, "tuned")):
         evals = [store.data.get(f"eval/{name}/seed{s}/{which}") for s in seeds]
@@ -467,13 +493,15 @@ def final_section(store: Store, seeds: list[int], num_images: int) -> list[str]:
             continue
         trains = [store.data[f"train/{name}/seed{s}"]["seconds"] for s in seeds if f"train/{name}/seed{s}" in store.data]
         ratios = [e["frechet_distance"] / e["real_frechet_floor"] for e in evals]
+        steps = [k for s in seeds for k in (f"train/{name}/seed{s}", f"eval/{name}/seed{s}/{which}")]
         shown = "shipped" if which == "shipped" else show_point(settings["point"]) + \
             (f", head {show_point(settings['head_args'])}" if settings.get("head_args") else "")
         lines.append(f"| {name} | {shown} | {len(evals)} | {mean_std(trains, 1, 1 / 60)} | "
                      f"{mean_std([e['accuracy'] for e in evals], 1, 100)}% | "
                      f"{mean_std([e['frechet_distance'] for e in evals])} | "
                      f"{mean_std([e['real_frechet_floor'] for e in evals])} | {mean_std(ratios)}x | "
-                     f"{mean_std([e.get('sampling_seconds') for e in evals], 0)} |")
+                     f"{mean_std([e.get('sampling_seconds') for e in evals], 0)} | "
+                     f"{commits(store, steps)} |")
         if which == "tuned" and len(evals) == len(seeds):
             met = (statistics.mean(ratios) <= TARGET_RATIO and statistics.mean(e["accuracy"] for e in evals)
                    >= TARGET_ACCURACY and max(trains) <= BUDGET_S)
@@ -501,7 +529,8 @@ def others_section(store: Store) -> list[str]:
             continue
         trained = store.data[f"others/{name}/train"]
         best = swept["best"]
-        lines += ["", (f"**{name}** (as shipped, seed 0, trained in {trained['seconds'] / 60:.1f} min; "
+        lines += ["", (f"**{name}** (as shipped, seed 0, trained in {trained['seconds'] / 60:.1f} min, commit "
+                       f"{commits(store, [f'others/{name}/train', f'others/{name}/sweep'])}; "
                        f"grid `{others_grid(name)}`): "
                        f"best at {show_point(best['point'])}, {pct(best['accuracy'])} / "
                        f"{num(best['frechet_distance'])} (floor {num(best['real_frechet_floor'])}, {ratio(best)})"
@@ -511,7 +540,8 @@ def others_section(store: Store) -> list[str]:
 
 
 def page_text(store: Store, meta: dict, seeds: list[int]) -> str:
-    head = (f"Measured at commit `{meta['commit']}` on {meta['machine']}, {meta['date']}"
+    head = (f"Written at commit `{meta['commit']}` (each table names the commits its measurements ran at) on "
+            f"{meta['machine']}, {meta['date']}"
             f"{' -- TINY (a few steps: the numbers mean nothing)' if TINY else ''}; {meta['num_images']:,} samples "
             f"per score; cells are accuracy / Frechet distance; the candidates' grid is "
             f"`{TINY_GRID if TINY else GRID}`.")

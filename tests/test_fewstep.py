@@ -241,6 +241,6 @@ def test_quickstart_shortcut_recipe_is_the_quickstart_but_for_the_head():
     cfg = parse("quickstart_shortcut.yaml")
     head = build(cfg).model.head
     assert type(head).__name__ == "ShortcutHead" and head.num_sampling_steps <= 4
-    quickstart = parse("quickstart.yaml").as_dict()
+    quickstart = parse("quickstart_v1.yaml").as_dict()
     for key in ("data", "tokenizer", "ordering", "model", "train", "sample", "seed"):
         assert cfg.as_dict()[key] == quickstart[key], key

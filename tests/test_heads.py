@@ -275,7 +275,7 @@ def test_recipes_build(recipe):
     exp = build(cfg)
     assert type(exp.model.head).__name__ == "FlowHead"
     if recipe == "quickstart_flow.yaml":  # the quickstart but for the head and its own best sampling point
-        quickstart = parse("quickstart.yaml").as_dict()
+        quickstart = parse("quickstart_v1.yaml").as_dict()
         for key in ("data", "tokenizer", "ordering", "model", "train", "seed"):
             assert cfg.as_dict()[key] == quickstart[key], key
         ours = {k: v for k, v in cfg.as_dict()["sample"].items() if k not in ("num_iter", "cfg")}

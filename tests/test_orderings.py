@@ -388,7 +388,7 @@ def test_quickstart_recipes_are_the_quickstart_with_another_ordering(tmp_path):
     def parse(name):
         return recipe_parser().parse_args(expand_bases(["--config", str(REPO / "recipes" / f"{name}.yaml")]))
 
-    quickstart = parse("quickstart").as_dict()
+    quickstart = parse("quickstart_v1").as_dict()
     for name, L in (("quickstart_raster", 64), ("quickstart_multiscale", 85)):
         cfg = parse(name)
         composed = cfg.as_dict()

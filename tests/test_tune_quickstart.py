@@ -43,7 +43,9 @@ def test_the_campaign_at_a_tiny_scale_fills_the_page_and_resumes(tmp_path):
     for key in ("train/baseline/seed0", "sweep/baseline", "train/flow/seed0", "sweep/flow", f"head_sweep/{winner}",
                 f"eval/{winner}/seed1/tuned", "eval/baseline/seed1/shipped", "others/quickstart_raster/sweep"):
         assert key in store, key
+        assert len(store["commits"][key]) >= 7, key  # the commit each step ran at, kept beside it
     page = (tmp_path / "tuning.md").read_text()
+    assert "| floor | / floor | commit |" in page and f"`{store['commits']['sweep/flow']}` |" in page
     for text in ("TINY", "### Candidates", "Sweep of **flow**", f"### The winner, {winner}", "Target (",
                  "To adopt it: `recipes/", "**quickstart_raster**", "<!-- tuning tables: end -->"):
         assert text in page, text
