@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The quickstart close to the data (issue 20, item 5): train candidate quickstart recipes within the 10-minute
 budget, sweep each one's sampling settings with `sandbox sweep`, sweep the winner's head sampler, train the winner
-and the quickstart before the campaign (recipes/quickstart_v1.yaml) with 3 seeds and score both (mean +- std: accuracy, Frechet distance and its floor),
-then sweep the sampling defaults of the other quickstart recipes (raster, multiscale, flow) -- and write every
+and the quickstart before the campaign (recipes/quickstart_v1.yaml) with 3 seeds and score both (mean +- std:
+accuracy, Frechet distance and its floor), then sweep the sampling defaults of the other quickstart recipes (raster, multiscale, flow) -- and write every
 table into docs/tuning.md between its markers.
 
     python .ci/tune_quickstart.py                                   # everything, from the repository root
