@@ -2,8 +2,8 @@
 """The quickstart close to the data (issue 20, item 5): train candidate quickstart recipes within the 10-minute
 budget, sweep each one's sampling settings with `sandbox sweep`, sweep the winner's head sampler, train the winner
 and the quickstart before the campaign (recipes/quickstart_v1.yaml) with 3 seeds and score both (mean +- std:
-accuracy, Frechet distance and its floor), then sweep the sampling defaults of the other quickstart recipes (raster, multiscale, flow) -- and write every
-table into docs/tuning.md between its markers.
+accuracy, Frechet distance and its floor), then sweep the sampling defaults of the other quickstart recipes
+(raster, multiscale, flow) -- and write every table into docs/tuning.md between its markers.
 
     python .ci/tune_quickstart.py                                   # everything, from the repository root
     python .ci/tune_quickstart.py --stages candidates               # only train and sweep the candidates
@@ -62,6 +62,7 @@ COSINE = ("--train.lr_schedule", "cosine", "--train.warmup_steps", "50", "--trai
 EMA = ("--train.ema_warmup", "false", "--train.ema_decay", "0.995")
 # 4 x 4 grey patches: 16 tokens of 16 dims (the digits' channels are equal), x-prediction for the flow head (JiT)
 PATCH4 = ("--tokenizer.init_args.patch_size", "4", "--tokenizer.init_args.channels", "1")
+PATCH4_FLOW = COSINE + EMA + PATCH4 + ("--head.init_args.prediction", "x")  # patch4's flags, the base of its variants
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,14 @@ CANDIDATES = (
                                                               "--ordering.init_args.mask_ratio_std", "0.5"), None,
               "flow_cosine_ema trained on mask ratios down to 0 (truncnorm around 1, std 0.5): MAR's [0.7, 1] never "
               "shows the encoder more than 19 of the 64 tokens, where 4 plan steps ask with up to 41 known."),
-    Candidate("patch4", "quickstart_flow", COSINE + EMA + PATCH4 + ("--head.init_args.prediction", "x"), None,
+    Candidate("patch4", "quickstart_flow", PATCH4_FLOW, None,
               "Tokens of 4 x 4 grey pixels (16 tokens of 16 dims) with x-prediction: a quarter of the sequence makes "
               "a step ~3x cheaper, so ~2.5x the steps fit the budget, and the head draws a patch jointly where 2 x 2 "
               "tokens leave 3x more patch borders to independent draws (the samples' blockiness)."),
     Candidate("patch4_ddpm", "quickstart_v1", COSINE + EMA + PATCH4, None,
               "patch4's tokens and training with the quickstart's DDPM head (eps-prediction): whether the gain is the "
               "tokens' or the flow head's."),
-    Candidate("patch4_mul2", "quickstart_flow", COSINE + EMA + PATCH4 + ("--head.init_args.prediction", "x",
-                                                                         "--model.head_batch_mul", "2"), None,
+    Candidate("patch4_mul2", "quickstart_flow", PATCH4_FLOW + ("--model.head_batch_mul", "2"), None,
               "patch4 with 2 noise draws per token in the head's loss, not MAR's 4: with 16 tokens the head is a "
               "third of a step, so halving its draws buys ~25% more steps, which patch4's gain from 1,200 to 3,000 "
               "steps says is worth more (the shipped quickstart)."),
